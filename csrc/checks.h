@@ -1,0 +1,34 @@
+// Argument validation shared by the CPU and CUDA entry points (SPEC.md section 5): every
+// invalid argument raises with a message that names it and says what was expected.
+// Shape, dtype and device checks only; value checks that need to read tensor data
+// (sizes, index, slot) are done by each backend's kernels (see check_sizes_values).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace evoprune {
+
+// tokens or metric: [B,N,D], float32/float64/float16/bfloat16.
+void check_hidden(const at::Tensor& t, const char* name);
+// metric beside tokens: same B, N, dtype and device.
+void check_metric(const at::Tensor& metric, const at::Tensor& tokens);
+// attn of prune: [B,H,Q,N] probabilities or [B,N] importance; float32 or the tokens' dtype.
+void check_attn(const at::Tensor& attn, const at::Tensor& tokens, const char* name, bool allow_4d);
+// sizes: [B,N] float32 on the tokens' device.
+void check_sizes(const at::Tensor& sizes, const at::Tensor& tokens);
+// keep in [protect, N], protect in [0, N], alpha in [0, 1].
+void check_selection_args(int64_t n, int64_t keep, int64_t protect, double alpha);
+// index [B,K] and slot [B,N], int64, on the tokens' device.
+void check_index_slot(const at::Tensor& tokens, const at::Tensor& index, const at::Tensor& slot);
+// attn of importance: [B,H,Q,N] floating.
+void check_attention(const at::Tensor& attn);
+// q [B,H,Q,d] and k [B,H,N,d]: same B, H, d, dtype and device; finite scale.
+void check_qk(const at::Tensor& q, const at::Tensor& k, double scale);
+
+// Reads sizes (CPU only): every entry finite and >= 0.
+void check_sizes_values_cpu(const at::Tensor& sizes);
+// Reads index and slot (CPU only): index in [0,N), slot in [-1,K), slot[b, index[b,p]] == p.
+void check_index_slot_values_cpu(const at::Tensor& index, const at::Tensor& slot);
+
+}  // namespace evoprune

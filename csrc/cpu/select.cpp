@@ -1,0 +1,210 @@
+// CPU kernel of `select` and the greedy shared with `prune` (SPEC.md sections 1-3).
+//
+// Per sample: unit vectors u of the metric (O(N*Dm)), normalized importance (O(N)), then K'
+// greedy steps. Each step is one pass over the tokens that both folds the new pick into red/owner
+// and finds the next pick, so the greedy costs O(K'*N) on top of the similarities, never O(K'^2*N).
+// Similarities come from one N x N GEMM when that matrix fits kSimilarityMatrixBytes and most of
+// it will be read (many picks), otherwise from dot products against the pick's unit vector, done
+// inside the pass: O(K'*N*Dm) work and no memory beyond O(N*Dm).
+// Threading: ops run samples in parallel; a pass over a large sample is split across threads
+// (at::parallel_reduce), which is a no-op when already inside a parallel sample loop.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../math.h"
+#include "kernels.h"
+
+namespace evoprune::cpu {
+namespace {
+
+// Largest N x N similarity matrix one sample may allocate (64 MiB: N = 4096 in float32).
+constexpr int64_t kSimilarityMatrixBytes = int64_t(64) << 20;
+// A GEMM computes all N columns at once far faster per column than dot products do; it pays off
+// once the greedy will read at least one column in kColumnsPerGemmColumn (measured in bench/).
+constexpr int64_t kColumnsPerGemmColumn = 4;
+// Tokens per thread chunk in a greedy pass: enough work to amortize waking a thread.
+constexpr int64_t kPassWorkPerChunk = int64_t(1) << 16;
+
+bool use_similarity_matrix(int64_t n, int64_t picks, size_t acc_bytes) {
+  return n * n * int64_t(acc_bytes) <= kSimilarityMatrixBytes && picks * kColumnsPerGemmColumn >= n;
+}
+
+template <typename acc_t>
+acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
+  // Eight partial sums let the compiler vectorize without reassociating (no -ffast-math).
+  acc_t partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += a[i + l] * b[i + l];
+  }
+  acc_t sum = 0;
+  for (; i < len; ++i) sum += a[i] * b[i];
+  for (int l = 0; l < 8; ++l) sum += partial[l];
+  return sum;
+}
+
+template <typename acc_t>
+struct Candidate {
+  acc_t score;
+  int64_t index;  // -1: none yet
+};
+
+template <typename acc_t>
+Candidate<acc_t> better_of(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  return beats(a.score, a.index, b.score, b.index) ? a : b;
+}
+
+// u[i] = m[i] / max(||m[i]||, 1e-6), the norm taken in float64 (section 2).
+template <typename scalar_t, typename acc_t>
+at::Tensor unit_vectors(const at::Tensor& metric, int64_t b) {
+  const int64_t n = metric.size(1), dm = metric.size(2);
+  const int64_t sn = metric.stride(1), sd = metric.stride(2);
+  const scalar_t* m = metric.const_data_ptr<scalar_t>() + b * metric.stride(0);
+  at::Tensor unit = at::empty({n, dm}, metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* u = unit.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, n, std::max<int64_t>(1, kPassWorkPerChunk / std::max<int64_t>(dm, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      double squared_norm = 0;
+      for (int64_t d = 0; d < dm; ++d) {
+        const double v = static_cast<double>(m[i * sn + d * sd]);
+        squared_norm += v * v;
+      }
+      const double divisor = unit_divisor(squared_norm);
+      for (int64_t d = 0; d < dm; ++d) u[i * dm + d] = static_cast<acc_t>(static_cast<double>(m[i * sn + d * sd]) / divisor);
+    }
+  });
+  return unit;
+}
+
+// ti over the candidates j >= protect (section 1); all zero without importance.
+template <typename acc_t>
+std::vector<acc_t> normalized_importances(const at::Tensor& importance, int64_t b, int64_t n, int64_t protect) {
+  std::vector<acc_t> ti(n, acc_t(0));
+  if (!importance.defined()) return ti;
+  const acc_t* imp = importance.const_data_ptr<acc_t>() + b * n;
+  acc_t max_importance = 0;
+  bool found = false;
+  for (int64_t j = protect; j < n; ++j) {
+    if (is_finite(imp[j]) && (!found || imp[j] > max_importance)) {
+      max_importance = imp[j];
+      found = true;
+    }
+  }
+  for (int64_t j = protect; j < n; ++j) ti[j] = normalized_importance(imp[j], max_importance);
+  return ti;
+}
+
+template <typename scalar_t, typename acc_t>
+void select_sample_impl(const at::Tensor& metric, const at::Tensor& importance, int64_t b, const Selection& selection,
+                        int64_t* index, int64_t* slot) {
+  const int64_t n = metric.size(1), dm = metric.size(2);
+  const int64_t protect = selection.protect, picks = selection.keep - selection.protect;
+  const acc_t alpha = static_cast<acc_t>(selection.alpha);
+
+  const at::Tensor unit = unit_vectors<scalar_t, acc_t>(metric, b);
+  const acc_t* u = unit.const_data_ptr<acc_t>();
+  const std::vector<acc_t> ti = normalized_importances<acc_t>(importance, b, n, protect);
+
+  const bool matrix = picks > 0 && use_similarity_matrix(n, picks, sizeof(acc_t));
+  const at::Tensor similarity_matrix = matrix ? at::mm(unit, unit.t()) : at::Tensor();
+  const acc_t* sim = matrix ? similarity_matrix.const_data_ptr<acc_t>() : nullptr;
+
+  std::vector<acc_t> red(n, acc_t(-1));
+  std::vector<int64_t> owner(n, -1);
+  std::vector<uint8_t> available(n, 0);
+  std::fill(available.begin() + protect, available.end(), 1);
+
+  // One greedy pass over tokens [lo, hi): fold `pick` (if any) into red/owner, then return the
+  // best available candidate of the range. Protected tokens are skipped: they own nothing and
+  // are never picked, so their red/owner are never read.
+  auto pass = [&](int64_t pick, int64_t lo, int64_t hi) {
+    Candidate<acc_t> best{minus_infinity<acc_t>(), -1};
+    const acc_t* pick_row = pick < 0 ? nullptr : (matrix ? sim + pick * n : u + pick * dm);
+    for (int64_t j = lo; j < hi; ++j) {
+      if (pick_row != nullptr) {
+        // sim is symmetric up to rounding; reading the pick's row keeps the access contiguous.
+        const acc_t s = matrix ? pick_row[j] : dot(u + j * dm, pick_row, dm);
+        if (takes_ownership(s, red[j])) {
+          red[j] = s;
+          owner[j] = pick;
+        }
+      }
+      if (available[j]) {
+        const acc_t score = greedy_score(alpha, ti[j], red[j]);
+        if (beats(score, j, best.score, best.index)) best = {score, j};
+      }
+    }
+    return best;
+  };
+  const int64_t grain = std::max<int64_t>(1, kPassWorkPerChunk / (matrix ? 1 : std::max<int64_t>(dm, 1)));
+  auto parallel_pass = [&](int64_t pick) {
+    return at::parallel_reduce(protect, n, grain, Candidate<acc_t>{minus_infinity<acc_t>(), -1},
+                               [&](int64_t lo, int64_t hi, Candidate<acc_t> identity) {
+                                 return better_of(pass(pick, lo, hi), identity);
+                               },
+                               better_of<acc_t>);
+  };
+
+  std::vector<int64_t> chosen;
+  chosen.reserve(picks);
+  Candidate<acc_t> next = picks > 0 ? parallel_pass(-1) : Candidate<acc_t>{0, -1};
+  for (int64_t step = 0; step < picks; ++step) {
+    const int64_t pick = next.index;  // valid: picks <= number of candidates, all available at the start
+    chosen.push_back(pick);
+    available[pick] = 0;
+    next = parallel_pass(pick);
+  }
+
+  std::sort(chosen.begin(), chosen.end());
+  std::vector<int64_t> position(n, -1);
+  for (int64_t p = 0; p < protect; ++p) position[p] = p;
+  for (int64_t t = 0; t < picks; ++t) position[chosen[t]] = protect + t;
+  for (int64_t p = 0; p < selection.keep; ++p) index[p] = p < protect ? p : chosen[p - protect];
+  for (int64_t j = 0; j < n; ++j) {
+    slot[j] = position[j] >= 0 ? position[j] : (owner[j] >= 0 ? position[owner[j]] : -1);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& metric, const std::optional<at::Tensor>& importance,
+                                              int64_t keep, double alpha, int64_t protect) {
+  check_hidden(metric, "metric");
+  if (importance.has_value()) check_attn(*importance, metric, "importance", /*allow_4d=*/false);
+  const int64_t batch = metric.size(0), n = metric.size(1);
+  check_selection_args(n, keep, protect, alpha);
+
+  const at::Tensor imp =
+      importance.has_value() ? importance->to(accumulate_type(metric.scalar_type())).contiguous() : at::Tensor();
+  at::Tensor index = at::empty({batch, keep}, metric.options().dtype(at::kLong));
+  at::Tensor slot = at::empty({batch, n}, metric.options().dtype(at::kLong));
+  int64_t* index_data = index.mutable_data_ptr<int64_t>();
+  int64_t* slot_data = slot.mutable_data_ptr<int64_t>();
+  const Selection selection{keep, protect, alpha};
+  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      select_sample(metric, imp, b, selection, index_data + b * keep, slot_data + b * n);
+    }
+  });
+  return {index, slot};
+}
+
+}  // namespace
+
+at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void select_sample(const at::Tensor& metric, const at::Tensor& importance, int64_t b, const Selection& selection,
+                   int64_t* index, int64_t* slot) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "evoprune_select", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    select_sample_impl<scalar_t, acc_t>(metric, importance, b, selection, index, slot);
+  });
+}
+
+TORCH_LIBRARY_IMPL(evoprune, CPU, m) { m.impl("select", &select_cpu); }
+
+}  // namespace evoprune::cpu

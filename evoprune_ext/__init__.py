@@ -1,0 +1,19 @@
+"""EvoPrune: visual token pruning inside vision encoders, as fused PyTorch ops.
+
+Importing the package loads the native library, which registers ``torch.ops.evoprune.*``
+(``prune``, ``select``, ``merge``, ``importance``, ``importance_from_qk``; see SPEC.md and
+docs/ALGORITHM.md), and attaches their fake kernels and autograd (``evoprune_ext.ops``).
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
+from . import _C, ops
+from .defaults import DEFAULT_ALPHA
+from .ops import Pruned, prune
+
+__all__ = ["DEFAULT_ALPHA", "Pruned", "build_info", "ops", "prune"]
+
+
+def build_info() -> dict:
+    """How the native library was built: version, CUDA kernels and archs, intra-op threads."""
+    return _C.build_info()
