@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each sets up .venv (Python 3.11,
+# torch==2.13.0 unless the venv already has a torch, the project's dependencies), builds and
+# installs the package, then runs its job.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy \
+	pytest hypothesis expecttest transformers matplotlib scikit-image scikit-learn
+SOURCES := $(shell find csrc -type f) CMakeLists.txt $(wildcard cmake/*.cmake) pyproject.toml
+
+.PHONY: demo test bench fuzz check-cuda install clean
+
+demo: $(VENV)/.installed
+	$(PY) -m evoprune_ext demo --out demo_out/evoprune_demo.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q python_tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_ops.py
+
+check-cuda:
+	bash .ci/check-cuda
+
+install: $(VENV)/.installed
+
+$(VENV)/.deps:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build demo_out
