@@ -28,11 +28,22 @@ class Pruned(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- fake kernels
+# Shapes only; the real kernels validate everything (csrc/checks.cpp). Devices are checked here
+# too, because a tensor on the meta device beside a real one dispatches to these kernels.
+
+
+def _check_devices(reference_name, reference, **others):
+    for name, t in others.items():
+        torch._check(
+            t is None or t.device == reference.device,
+            lambda: f"{name} must be on the device of {reference_name} ({reference.device}), got {t.device}",
+        )
 
 
 @torch.library.register_fake("evoprune::prune")
 def _prune_fake(tokens, attn, *, keep, metric=None, sizes=None, alpha=DEFAULT_ALPHA, protect=0, merge=True):
     torch._check(tokens.dim() == 3, lambda: f"tokens must have shape [B, N, D], got {tuple(tokens.shape)}")
+    _check_devices("tokens", tokens, attn=attn, metric=metric, sizes=sizes)
     batch, n, d = tokens.shape
     return (
         tokens.new_empty(batch, keep, d),
@@ -45,6 +56,7 @@ def _prune_fake(tokens, attn, *, keep, metric=None, sizes=None, alpha=DEFAULT_AL
 @torch.library.register_fake("evoprune::select")
 def _select_fake(metric, importance, *, keep, alpha=DEFAULT_ALPHA, protect=0):
     torch._check(metric.dim() == 3, lambda: f"metric must have shape [B, N, Dm], got {tuple(metric.shape)}")
+    _check_devices("metric", metric, importance=importance)
     batch, n, _ = metric.shape
     return metric.new_empty(batch, keep, dtype=torch.int64), metric.new_empty(batch, n, dtype=torch.int64)
 
@@ -53,6 +65,7 @@ def _select_fake(metric, importance, *, keep, alpha=DEFAULT_ALPHA, protect=0):
 def _merge_fake(tokens, index, slot, sizes=None):
     torch._check(tokens.dim() == 3, lambda: f"tokens must have shape [B, N, D], got {tuple(tokens.shape)}")
     torch._check(index.dim() == 2, lambda: f"index must have shape [B, K], got {tuple(index.shape)}")
+    _check_devices("tokens", tokens, index=index, slot=slot, sizes=sizes)
     batch, keep = index.shape
     return tokens.new_empty(batch, keep, tokens.shape[2]), tokens.new_empty(batch, keep, dtype=torch.float32)
 
@@ -66,6 +79,7 @@ def _importance_fake(attn):
 @torch.library.register_fake("evoprune::importance_from_qk")
 def _importance_from_qk_fake(q, k, scale):
     torch._check(k.dim() == 4, lambda: f"k must have shape [B, H, N, d], got {tuple(k.shape)}")
+    _check_devices("q", q, k=k)
     return q.new_empty(k.shape[0], k.shape[2], dtype=torch.float32)
 
 
