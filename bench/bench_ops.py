@@ -1,0 +1,177 @@
+"""Microbenchmark of torch.ops.evoprune.prune against the pure-PyTorch reference (and the peers).
+
+Shapes (the foundation issue's S1-S4, plus S5):
+  S1 CLIP-L/336  B=1,  N=577,  D=1024, metric Dm=64, protect=1, K=145, attn [1,16,577,577]
+  S2 SigLIP-384  B=1,  N=729,  D=1152, metric Dm=72, K=182, importance [1,729]
+  S3 video       B=16 frames of S2
+  S4 high-res    B=1,  N=4096, D=1024, metric = tokens, K=1024
+  S5 long video  B=32 frames of S2
+Prints, per shape, the median (min, max) of repeated runs in one process, the speedup of the op
+over the reference, and the op's time over one torch.bmm of the N x N x Dm similarity (the
+unavoidable work of a full similarity). Nothing is asserted: speed is measured, not tested.
+
+    python bench/bench_ops.py [--quick] [--shapes S1,S2] [--device cpu|cuda] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import evoprune_ext  # noqa: F401  (registers torch.ops.evoprune)
+from evoprune_ext import reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    tokens: int
+    dim: int
+    metric_dim: int | None  # None: the tokens are the metric
+    keep: int
+    protect: int = 0
+    heads: int = 0  # > 0: attn is [B, heads, N, N] attention; 0: a reduced [B, N] importance
+
+
+SHAPES = {
+    "S1": Shape("S1 CLIP-L/336", 1, 577, 1024, 64, 145, protect=1, heads=16),
+    "S2": Shape("S2 SigLIP-384", 1, 729, 1152, 72, 182),
+    "S3": Shape("S3 video 16x S2", 16, 729, 1152, 72, 182),
+    "S4": Shape("S4 high-res", 1, 4096, 1024, None, 1024),
+    "S5": Shape("S5 video 32x S2", 32, 729, 1152, 72, 182),
+}
+QUICK = {"Q1": Shape("Q1 tiny", 2, 65, 32, 8, 17, protect=1, heads=2)}
+
+
+def make_inputs(shape: Shape, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, n = shape.batch, shape.tokens
+    tokens = torch.randn(b, n, shape.dim, generator=g)
+    metric = None if shape.metric_dim is None else torch.randn(b, n, shape.metric_dim, generator=g)
+    if shape.heads:
+        attn = torch.randn(b, shape.heads, n, n, generator=g).softmax(-1)
+    else:
+        attn = torch.rand(b, n, generator=g)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(tokens), move(attn), move(metric)
+
+
+def measure(fn, *, repeats: int, device: str) -> list[float]:
+    """Seconds per call, `repeats` times after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times)}
+
+
+def bench_shape(shape: Shape, *, device: str, repeats: int, peers: dict) -> dict:
+    tokens, attn, metric = make_inputs(shape, device)
+    kwargs = dict(keep=shape.keep, metric=metric, alpha=0.1, protect=shape.protect)
+    similarity_metric = tokens if metric is None else metric
+
+    def op():
+        return torch.ops.evoprune.prune(tokens, attn, **kwargs)
+
+    def ref():
+        return reference.prune(tokens, attn, **kwargs)
+
+    def bmm():
+        return torch.bmm(similarity_metric, similarity_metric.transpose(1, 2))
+
+    with torch.inference_mode():
+        row = {"shape": shape.name, "op": summary(measure(op, repeats=repeats, device=device))}
+        # The reference runs one Python step per greedy iteration: fewer repeats keep the run short.
+        row["reference"] = summary(measure(ref, repeats=max(3, repeats // 4), device=device))
+        row["bmm"] = summary(measure(bmm, repeats=repeats, device=device))
+        importance = attn.mean((1, 2)) if attn.dim() == 4 else attn
+        for name, step in peers.items():
+            sizes = torch.ones(tokens.shape[:2], device=device)
+
+            def peer(step=step):
+                return step(tokens, similarity_metric, importance, sizes, keep=shape.keep, protect=shape.protect,
+                            alpha=0.1, merge=True)
+
+            row[name] = summary(measure(peer, repeats=max(3, repeats // 4), device=device))
+    op_ms = row["op"]["median_ms"]
+    row["speedup_vs_reference"] = row["reference"]["median_ms"] / op_ms
+    row["op_over_bmm"] = op_ms / row["bmm"]["median_ms"]
+    for name in peers:
+        row[f"speedup_vs_{name}"] = row[name]["median_ms"] / op_ms
+    return row
+
+
+def format_table(rows: list[dict], peers: list[str]) -> str:
+    header = ["shape", "op ms (min-max)", "reference ms", "op speedup", "op / bmm"] + [f"{p} ms" for p in peers]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        o = r["op"]
+        cells = [
+            r["shape"],
+            f"{o['median_ms']:.2f} ({o['min_ms']:.2f}-{o['max_ms']:.2f})",
+            f"{r['reference']['median_ms']:.2f}",
+            f"{r['speedup_vs_reference']:.1f}x",
+            f"{r['op_over_bmm']:.2f}",
+        ] + [f"{r[p]['median_ms']:.2f} ({r[f'speedup_vs_{p}']:.1f}x)" for p in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_peers(names: str) -> dict:
+    if not names:
+        return {}
+    from peers import PEERS  # bench/peers.py
+
+    return {name: PEERS[name] for name in names.split(",")}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="S1,S2,S3,S4", help="comma-separated names from " + ",".join(SHAPES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--peers", default="", help="comma-separated names from bench/peers.py, e.g. tome,divprune")
+    parser.add_argument("--quick", action="store_true", help="one tiny shape, few repeats (smoke run)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    shapes = list(QUICK.values()) if args.quick else [SHAPES[s] for s in args.shapes.split(",")]
+    repeats = 3 if args.quick else args.repeats
+    peers = load_peers(args.peers)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", flush=True)
+    rows = []
+    for shape in shapes:
+        print(f"  measuring {shape.name} ...", flush=True)
+        rows.append(bench_shape(shape, device=args.device, repeats=repeats, peers=peers))
+    print(format_table(rows, list(peers)))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
