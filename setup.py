@@ -6,6 +6,7 @@ EVOPRUNE_CUDA=OFF (or forced with EVOPRUNE_CUDA=ON).
 """
 
 import os
+import re
 from pathlib import Path
 
 from setuptools import setup
@@ -17,7 +18,7 @@ SOURCES = [
     for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines()
     if line.startswith("csrc/")
 ]
-VERSION = "0.1.0"
+VERSION = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 
 def want_cuda() -> bool:
