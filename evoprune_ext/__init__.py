@@ -2,16 +2,19 @@
 
 Importing the package loads the native library, which registers ``torch.ops.evoprune.*``
 (``prune``, ``select``, ``merge``, ``importance``, ``importance_from_qk``; see SPEC.md and
-docs/ALGORITHM.md), and attaches their fake kernels and autograd (``evoprune_ext.ops``).
+docs/ALGORITHM.md) with their autograd, and attaches their fake kernels (``evoprune_ext.ops``).
+``evoprune_ext.patch(model, keep_ratio=...)`` makes a Hugging Face CLIP or SigLIP vision tower
+prune inside its encoder (``evoprune_ext.encoder``; transformers is imported only then).
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import _C, ops
 from .defaults import DEFAULT_ALPHA
+from .encoder import patch, unpatch
 from .ops import Pruned, prune
 
-__all__ = ["DEFAULT_ALPHA", "Pruned", "build_info", "ops", "prune"]
+__all__ = ["DEFAULT_ALPHA", "Pruned", "build_info", "ops", "patch", "prune", "unpatch"]
 
 
 def build_info() -> dict:

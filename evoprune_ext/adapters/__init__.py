@@ -1,0 +1,59 @@
+"""The vision towers `evoprune_ext.patch` knows, and the little that differs between them.
+
+A tower is the module that holds `embeddings` and `encoder` (in transformers 5, `CLIPVisionModel` and
+`SiglipVisionModel`; in older releases their `vision_model`, a `CLIPVisionTransformer` / `SiglipVisionTransformer`).
+Its encoder layers and attention modules have the same structure in both families and are patched by
+`evoprune_ext.encoder` alone; an adapter only says how to recognize the tower and what EvoPrune must know about
+its family.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+SUPPORTED = (
+    "transformers' CLIPVisionModel / CLIPVisionTransformer, SiglipVisionModel / SiglipVisionTransformer, "
+    "or a model containing exactly one of them (LLaVA, CLIPModel, ...)"
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    embeddings: type  # class of the tower's `embeddings`: this is how a tower is recognized
+    protect: int  # leading tokens always kept (CLIP's CLS)
+    cls_importance: bool  # importance = attention of the CLS query row (True) or mean over all query rows (False)
+    eager_attention: Callable  # the family's eager attention function (returns the probabilities)
+    head: str | None = None  # attribute of an attention-pooling head that should see the token sizes
+    head_mixin: type | None = None  # class mixed into that head to make it size-aware
+
+
+def _adapters() -> list[Adapter]:
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("evoprune_ext.patch needs transformers: pip install evoprune_ext[hf]") from error
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # Older encoder layers return tuples and pick attention classes differently from what encoder.py patches.
+        raise ImportError(f"evoprune_ext.patch needs transformers>=5, found {transformers.__version__}")
+    from evoprune_ext.adapters import clip, siglip
+
+    return [clip.ADAPTER, siglip.ADAPTER]
+
+
+def find_tower(model: nn.Module) -> tuple[nn.Module, Adapter]:
+    """The one vision tower inside `model` (possibly `model` itself) and its adapter; TypeError otherwise."""
+    adapters = _adapters()
+    found = [
+        (module, adapter)
+        for module in model.modules()
+        for adapter in adapters
+        if isinstance(getattr(module, "embeddings", None), adapter.embeddings) and hasattr(module, "encoder")
+    ]
+    if not found:
+        raise TypeError(f"evoprune_ext.patch supports {SUPPORTED}; got {type(model).__name__}")
+    if len(found) > 1:
+        names = ", ".join(type(module).__name__ for module, _ in found)
+        raise TypeError(f"{type(model).__name__} contains {len(found)} vision towers ({names}): patch each one itself")
+    return found[0]
