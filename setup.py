@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
@@ -25,7 +26,7 @@ def want_cuda() -> bool:
     mode = os.environ.get("EVOPRUNE_CUDA", "AUTO").upper()
     if mode not in ("AUTO", "ON", "OFF"):
         raise ValueError(f"EVOPRUNE_CUDA must be AUTO, ON or OFF, got {mode!r}")
-    return mode == "ON" or (mode == "AUTO" and cpp_extension.CUDA_HOME is not None)
+    return mode == "ON" or (mode == "AUTO" and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None)
 
 
 def extension():
