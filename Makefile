@@ -9,7 +9,7 @@ DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy \
 	pytest hypothesis expecttest transformers matplotlib scikit-image scikit-learn
 SOURCES := $(shell find csrc -type f) CMakeLists.txt $(wildcard cmake/*.cmake) pyproject.toml
 
-.PHONY: demo test bench fuzz check-cuda install clean
+.PHONY: demo test bench fuzz sanitize check-cuda install clean
 
 demo: $(VENV)/.installed
 	$(PY) -m evoprune_ext demo --out demo_out/evoprune_demo.png
@@ -19,6 +19,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_ops.py
+
+fuzz: $(VENV)/.installed
+	PYTHON=$(PY) bash .ci/fuzz
+
+sanitize: $(VENV)/.deps
+	PYTHON=$(PY) bash .ci/sanitize
 
 check-cuda:
 	bash .ci/check-cuda

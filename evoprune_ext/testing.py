@@ -53,6 +53,16 @@ def _check_valid(index: Tensor, slot: Tensor, B: int, N: int, keep: int, protect
         _fail(f"batch {b}: kept token {i} is at output position {p} but slot[{i}] = {int(slot[b, i])}")
 
 
+def check_valid(index: Tensor, slot: Tensor, *, keep: int, protect: int) -> None:
+    """Raise AssertionError unless (index, slot) is a valid selection (SPEC 5) of slot's B and N tokens.
+
+    Validity only, no replay of the greedy: for inputs whose values make check_selection's float64 replay meaningless.
+    """
+    if slot.dim() != 2:
+        _fail(f"slot must have shape [B,N], got {tuple(slot.shape)}")
+    _check_valid(index, slot, slot.shape[0], slot.shape[1], keep, protect)
+
+
 @torch.no_grad()
 def check_selection(
     metric: Tensor,

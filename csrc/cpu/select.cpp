@@ -127,7 +127,7 @@ void select_sample_impl(const at::Tensor& metric, const at::Tensor& importance, 
     Candidate<acc_t> best{minus_infinity<acc_t>(), -1};
     const acc_t* pick_row = pick < 0 ? nullptr : (matrix ? sim + pick * n : u + pick * dm);
     for (int64_t j = lo; j < hi; ++j) {
-      if (pick_row != nullptr) {
+      if (pick >= 0) {  // not pick_row != nullptr: an empty metric (Dm = 0) has no data pointer
         // sim is symmetric up to rounding; reading the pick's row keeps the access contiguous.
         const acc_t s = matrix ? pick_row[j] : dot(u + j * dm, pick_row, dm);
         if (takes_ownership(s, red[j])) {
