@@ -3,10 +3,7 @@
 // importance: one streaming pass over attn [B,H,Q,N], O(B*H*Q*N) reads, O(B*N) memory. The
 // columns of each sample are split into chunks whose sums stay in L1 while every (head, query)
 // row streams past, so threads (over samples x column chunks) never share an output.
-// importance_from_qk: softmax(scale * q k^T) is never stored whole: query rows go through in
-// blocks of at most kLogitsBudget logits over all (sample, head) pairs; each block is one batched
-// GEMM, a row softmax (row max and sum, then exp) and a column sum into O(B*H*N) accumulators.
-// Extra memory: max(kLogitsBudget, B*H*N) accumulation-dtype values plus k in that dtype.
+// importance_from_qk: the blocked ATen composition of csrc/composite.cpp, shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../composite.h"
 #include "kernels.h"
 
 namespace evoprune::cpu {
@@ -23,8 +21,6 @@ namespace {
 
 // Columns per output chunk of `importance`: 1 KiB of float sums, L1-resident.
 constexpr int64_t kColumnsPerChunk = 256;
-// Logits computed at once by importance_from_qk: 8M values (32 MiB in float32).
-constexpr int64_t kLogitsBudget = int64_t(8) << 20;
 
 template <typename scalar_t>
 void attention_importance_impl(const at::Tensor& attn, at::Tensor& importance) {
@@ -59,19 +55,7 @@ at::Tensor importance_cpu(const at::Tensor& attn) {
 
 at::Tensor importance_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, double scale) {
   check_qk(q, k, scale);
-  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), d = q.size(3), n = k.size(2);
-  const at::ScalarType acc = accumulate_type(q.scalar_type());
-  const int64_t pairs = batch * heads;
-  const at::Tensor keys_t = k.reshape({pairs, n, d}).to(acc).transpose(1, 2);
-  const at::Tensor queries_all = q.reshape({pairs, queries, d});
-  at::Tensor column_sums = at::zeros({pairs, n}, q.options().dtype(acc));
-  const int64_t block = std::clamp<int64_t>(kLogitsBudget / std::max<int64_t>(pairs * n, 1), 1, std::max<int64_t>(queries, 1));
-  for (int64_t r0 = 0; r0 < queries; r0 += block) {
-    const at::Tensor rows = queries_all.narrow(1, r0, std::min(block, queries - r0)).to(acc);
-    at::Tensor logits = at::bmm(rows, keys_t).mul_(scale);
-    column_sums.add_(at::softmax(logits, -1).sum(1));
-  }
-  return column_sums.view({batch, heads, n}).sum(1).div_(static_cast<double>(heads * queries)).to(at::kFloat);
+  return importance_from_qk_blocked(q, k, scale);
 }
 
 }  // namespace

@@ -10,9 +10,6 @@
 
 namespace evoprune::cpu {
 
-// float64 inputs are computed in float64, everything else in float32 (SPEC.md sections 1-2).
-at::ScalarType accumulate_type(at::ScalarType t);
-
 // Section 1: importance[B,N] float32 = mean over heads and query rows of attn[B,H,Q,N].
 at::Tensor attention_importance(const at::Tensor& attn);
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../composite.h"
 #include "../math.h"
 #include "kernels.h"
 
@@ -194,8 +195,6 @@ std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& metric, const st
 }
 
 }  // namespace
-
-at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void select_sample(const at::Tensor& metric, const at::Tensor& importance, int64_t b, const Selection& selection,
                    int64_t* index, int64_t* slot) {

@@ -7,16 +7,11 @@
 // writes one partial per (split, sample, column); a second kernel adds the splits in order. No
 // atomics: the result depends only on the shapes and the device's SM count. Extra memory:
 // splits*B*N accumulation-dtype partials.
-// importance_from_qk: as on CPU, query rows go through in blocks of at most kLogitsBudget logits
-// over all (sample, head) pairs; each block is one batched GEMM (cuBLAS), a softmax and a column
-// sum into O(B*H*N) accumulators (docs/CUDA.md says why this beats a hand-written flash kernel here).
+// importance_from_qk: the blocked ATen composition of csrc/composite.cpp, shared with the CPU
+// (cuBLAS GEMMs; docs/CUDA.md says why this beats a hand-written flash kernel here).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/softmax.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +22,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../composite.h"
 #include "kernels.cuh"
 
 namespace evoprune::cuda {
@@ -35,8 +31,6 @@ namespace {
 constexpr int kColumns = 32;    // columns per block: one warp's coalesced 128-byte row segment
 constexpr int kRowWarps = 8;    // warps per block, each summing every 8th row of the block's range
 constexpr int kBlocksPerSM = 4;  // blocks the row splits aim for, per SM
-// Logits computed at once by importance_from_qk: 8M values (32 MiB in float32), as on CPU.
-constexpr int64_t kLogitsBudget = int64_t(8) << 20;
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kColumns* kRowWarps)
@@ -81,26 +75,10 @@ at::Tensor importance_cuda(const at::Tensor& attn) {
 at::Tensor importance_from_qk_cuda(const at::Tensor& q, const at::Tensor& k, double scale) {
   check_qk(q, k, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), d = q.size(3), n = k.size(2);
-  const at::ScalarType acc = accumulate_type(q.scalar_type());
-  const int64_t pairs = batch * heads;
-  const at::Tensor keys_t = k.reshape({pairs, n, d}).to(acc).transpose(1, 2);
-  const at::Tensor queries_all = q.reshape({pairs, queries, d});
-  at::Tensor column_sums = at::zeros({pairs, n}, q.options().dtype(acc));
-  const int64_t block =
-      std::clamp<int64_t>(kLogitsBudget / std::max<int64_t>(pairs * n, 1), 1, std::max<int64_t>(queries, 1));
-  for (int64_t r0 = 0; r0 < queries; r0 += block) {
-    const at::Tensor rows = queries_all.narrow(1, r0, std::min(block, queries - r0)).to(acc);
-    const at::NoTF32Guard float32_products;  // as on CPU: TF32 would round the logits to 1e-3
-    at::Tensor logits = at::bmm(rows, keys_t).mul_(scale);
-    column_sums.add_(at::softmax(logits, -1).sum(1));
-  }
-  return column_sums.view({batch, heads, n}).sum(1).div_(static_cast<double>(heads * queries)).to(at::kFloat);
+  return importance_from_qk_blocked(q, k, scale);
 }
 
 }  // namespace
-
-at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor attention_importance(const at::Tensor& attn) {
   const c10::cuda::CUDAGuard guard(attn.device());

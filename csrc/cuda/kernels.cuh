@@ -23,9 +23,6 @@ inline int current_device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-// float64 inputs are computed in float64, everything else in float32 (SPEC.md sections 1-2).
-at::ScalarType accumulate_type(at::ScalarType t);
-
 // Section 1: importance[B,N] float32 = mean over heads and query rows of attn[B,H,Q,N] (any strides).
 at::Tensor attention_importance(const at::Tensor& attn);
 

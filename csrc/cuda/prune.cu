@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../composite.h"
 #include "kernels.cuh"
 
 namespace evoprune::cuda {

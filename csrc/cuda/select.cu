@@ -30,6 +30,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "../checks.h"
+#include "../composite.h"
 #include "../math.h"
 #include "kernels.cuh"
 
