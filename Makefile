@@ -18,7 +18,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q python_tests
 
 bench: $(VENV)/.installed
-	$(PY) bench/bench_ops.py
+	$(PY) bench/report.py
 
 fuzz: $(VENV)/.installed
 	PYTHON=$(PY) bash .ci/fuzz

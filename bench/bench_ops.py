@@ -10,7 +10,8 @@ Prints, per shape, the median (min, max) of repeated runs in one process, the sp
 over the reference, and the op's time over one torch.bmm of the N x N x Dm similarity (the
 unavoidable work of a full similarity). Nothing is asserted: speed is measured, not tested.
 
-    python bench/bench_ops.py [--quick] [--shapes S1,S2] [--device cpu|cuda] [--json PATH]
+    python bench/bench_ops.py [--quick | --sweep | --shapes S1,S2] [--peers tome,divprune] [--device cpu|cuda]
+                              [--json PATH]
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ SHAPES = {
     "S5": Shape("S5 video 32x S2", 32, 729, 1152, 72, 182),
 }
 QUICK = {"Q1": Shape("Q1 tiny", 2, 65, 32, 8, 17, protect=1, heads=2)}
+# The sweep over N: one image of N tokens, D=1024, Dm=64, keep a quarter, reduced importance.
+SWEEP = [Shape(f"sweep N={n}", 1, n, 1024, 64, n // 4) for n in (576, 1024, 2304, 4096, 9216, 16384)]
 
 
 def make_inputs(shape: Shape, device: str, seed: int = 0):
@@ -156,10 +159,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--peers", default="", help="comma-separated names from bench/peers.py, e.g. tome,divprune")
     parser.add_argument("--quick", action="store_true", help="one tiny shape, few repeats (smoke run)")
+    parser.add_argument("--sweep", action="store_true", help="the sweep over N (576 to 16,384) instead of --shapes")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
-    shapes = list(QUICK.values()) if args.quick else [SHAPES[s] for s in args.shapes.split(",")]
+    if args.quick:
+        shapes = list(QUICK.values())
+    elif args.sweep:
+        shapes = SWEEP
+    else:
+        shapes = [SHAPES[s] for s in args.shapes.split(",")]
     repeats = 3 if args.quick else args.repeats
     peers = load_peers(args.peers)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", flush=True)

@@ -43,10 +43,11 @@ __all__ = [
 
 # The default skip schedule: prune at layers DEFAULT_FIRST_LAYER, + DEFAULT_EVERY, ... (0-based), at most
 # DEFAULT_MAX_STEPS times and never in the last layer, keeping the same fraction of the patches at each step.
-# For CLIP ViT-L/14 (24 layers) and SigLIP-so400m (27) that is layers 2, 5, 8, 11; for ViT-B (12) 2, 5, 8.
-# Provisional: the quality benchmark tunes them.
-DEFAULT_FIRST_LAYER = 2
-DEFAULT_EVERY = 3
+# That is layers 1, 2, 3, 4 of any encoder of 6 layers or more: early, gentle, repeated steps. Chosen by the
+# quality benchmark (bench/eval_quality.py, docs/BENCHMARKS.md): at equal final token counts, pruning from layer 1
+# at every layer beat every-other-layer, a single step at layer 1 or 2, and the first guess (2, 5, 8, 11).
+DEFAULT_FIRST_LAYER = 1
+DEFAULT_EVERY = 1
 DEFAULT_MAX_STEPS = 4
 
 METRICS = ("keys", "hidden")

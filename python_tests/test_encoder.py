@@ -63,10 +63,10 @@ def recording(calls):
 
 
 def test_default_layers():
-    assert default_layers(24) == [2, 5, 8, 11]
-    assert default_layers(27) == [2, 5, 8, 11]
-    assert default_layers(12) == [2, 5, 8]
-    assert default_layers(4) == [2]
+    assert default_layers(24) == [1, 2, 3, 4]
+    assert default_layers(27) == [1, 2, 3, 4]
+    assert default_layers(6) == [1, 2, 3, 4]
+    assert default_layers(4) == [1, 2]
     assert default_layers(2) == [0]
     assert default_layers(1) == [0]
 

@@ -1,0 +1,101 @@
+"""`make bench`: every benchmark in one run, and docs/BENCHMARKS.md written from what it measured.
+
+1. bench_ops.py: the op vs the reference and the peers at S1-S5, and the sweep over N;
+2. bench_encoder.py: end-to-end CLIP-L/336 and SigLIP-so400m encoders, unpatched vs EvoPrune vs ToMe;
+3. eval_quality.py: accuracy vs retention of the trained quality model, EvoPrune vs the peers.
+Raw results go to bench/results/ (JSON, markdown, the quality plot); the page links the plot.
+
+    python bench/report.py [--quick]     # --quick: smoke sizes, writes to bench/results/ only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_encoder  # noqa: E402
+import bench_ops  # noqa: E402
+import eval_quality  # noqa: E402
+
+PEERS = "tome,divprune,visionzip,topk,random"
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke sizes; does not touch docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    start = time.perf_counter()
+
+    quick = ["--quick"] if args.quick else []
+    ops = bench_ops.main([*quick, "--shapes", "S1,S2,S3,S4,S5", "--peers", PEERS, "--repeats", "10",
+                          "--json", str(results / "ops.json")])
+    sweep = [] if args.quick else bench_ops.main(["--sweep", "--peers", "tome", "--repeats", "5",
+                                                  "--json", str(results / "sweep.json")])
+    encoder = bench_encoder.main([*quick, "--json", str(results / "encoder.json")])
+    quality_args = ["--smoke"] if args.quick else []
+    eval_quality.main([*quality_args, "--out", str(results)])
+    quality_md = (results / "quality.md").read_text()
+    elapsed = time.perf_counter() - start
+    if args.quick:
+        print(f"bench/report.py --quick: all benchmarks ran in {elapsed:.0f} s")
+        return
+
+    docs = HERE.parent / "docs"
+    shutil.copy(results / "quality.png", docs / "quality.png")
+    peers = PEERS.split(",")
+    page = f"""# Benchmarks
+
+Measured by `make bench` (`python bench/report.py`) in one run of {elapsed / 60:.1f} minutes on {machine()}.
+Times are medians of repeated runs in one process (min-max in brackets where shown); speedups are
+ratios against the named method on the same inputs. Raw numbers: `bench/results/*.json`.
+
+## The op against the reference and the peers (`bench/bench_ops.py`)
+S1 CLIP-L/336 (B=1, N=577, D=1024, Dm=64, K=145, protect=1, attention [1,16,577,577]); S2 SigLIP-384
+(B=1, N=729, D=1152, Dm=72, K=182, importance [1,729]); S3 16 frames of S2; S4 high-res (B=1, N=4096,
+D=1024, metric = tokens, K=1024); S5 32 frames of S2. "op / bmm" is the op's time over one `torch.bmm`
+of the N x N x Dm similarity. Peer columns give the peer's time and, in brackets, how many times
+slower than our op it is. DivPrune is timed as published (it recomputes the minimum over all
+selected rows at each step, O(K^2 N)).
+
+{bench_ops.format_table(ops, peers)}
+
+Sweep over N (B=1, D=1024, Dm=64, K=N/4, reduced importance):
+
+{bench_ops.format_table(sweep, ["tome"])}
+
+## Inside the encoder (`bench/bench_encoder.py`)
+Random-weight encoders at full size, float32, SDPA, batch 1, default schedule. "speedup / ideal" is the
+measured speedup over the FLOP-count ideal of the same token schedule; "ops" the share of encoder time
+spent inside torch.ops.evoprune.
+
+{bench_encoder.markdown(encoder)}
+
+## Quality (`bench/eval_quality.py`)
+![accuracy vs retention](quality.png)
+
+{quality_md}
+"""
+    (docs / "BENCHMARKS.md").write_text(page)
+    (results / "machine.json").write_text(json.dumps({"machine": machine(), "seconds": elapsed}, indent=2))
+    print(f"wrote docs/BENCHMARKS.md ({elapsed:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
