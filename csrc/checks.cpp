@@ -78,6 +78,16 @@ void check_index_slot(const at::Tensor& tokens, const at::Tensor& index, const a
   check_same_device(slot, tokens, "slot");
 }
 
+void check_prune_args(const at::Tensor& tokens, const std::optional<at::Tensor>& attn,
+                      const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& sizes, int64_t keep,
+                      int64_t protect, double alpha) {
+  check_hidden(tokens, "tokens");
+  if (attn.has_value()) check_attn(*attn, tokens, "attn", /*allow_4d=*/true);
+  if (metric.has_value()) check_metric(*metric, tokens);
+  if (sizes.has_value()) check_sizes(*sizes, tokens);
+  check_selection_args(tokens.size(1), keep, protect, alpha);
+}
+
 void check_attention(const at::Tensor& attn) {
   TORCH_CHECK(attn.dim() == 4, "attn must have shape [B, H, Q, N] (4 dimensions), got ", attn.dim(),
               " dimensions with shape ", attn.sizes());

@@ -21,6 +21,10 @@ void check_sizes(const at::Tensor& sizes, const at::Tensor& tokens);
 void check_selection_args(int64_t n, int64_t keep, int64_t protect, double alpha);
 // index [B,K] and slot [B,N], int64, on the tokens' device.
 void check_index_slot(const at::Tensor& tokens, const at::Tensor& index, const at::Tensor& slot);
+// Every argument of prune (shapes, dtypes, devices, keep/protect/alpha).
+void check_prune_args(const at::Tensor& tokens, const std::optional<at::Tensor>& attn,
+                      const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& sizes, int64_t keep,
+                      int64_t protect, double alpha);
 // attn of importance: [B,H,Q,N] floating.
 void check_attention(const at::Tensor& attn);
 // q [B,H,Q,d] and k [B,H,N,d]: same B, H, d, dtype and device; finite scale.

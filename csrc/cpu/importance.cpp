@@ -1,8 +1,9 @@
 // CPU kernels of `importance` and `importance_from_qk` (SPEC.md sections 1 and 6).
 //
-// importance: one streaming pass over attn [B,H,Q,N], O(B*H*Q*N) reads, O(B*N) memory. The
-// columns of each sample are split into chunks whose sums stay in L1 while every (head, query)
-// row streams past, so threads (over samples x column chunks) never share an output.
+// importance: one streaming pass over attn [B,H,Q,N], O(B*H*Q*N) reads. The (head, query) rows of
+// each sample are split into ranges of kRowsPerSplit; threads take (sample, range) units, each
+// summing its rows into its own N sums, which are then added in range order (deterministic).
+// Extra memory: B * ceil(H*Q / kRowsPerSplit) * N accumulation values.
 // importance_from_qk: the blocked ATen composition of csrc/composite.cpp, shared with CUDA.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -19,33 +20,43 @@
 namespace evoprune::cpu {
 namespace {
 
-// Columns per output chunk of `importance`: 1 KiB of float sums, L1-resident.
-constexpr int64_t kColumnsPerChunk = 256;
+// Attention rows (head, query pairs) per work unit of `importance`.
+constexpr int64_t kRowsPerSplit = 256;
 
 template <typename scalar_t>
 void attention_importance_impl(const at::Tensor& attn, at::Tensor& importance) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = attn.size(0), heads = attn.size(1), queries = attn.size(2), n = attn.size(3);
   const int64_t sb = attn.stride(0), sh = attn.stride(1), sq = attn.stride(2), sn = attn.stride(3);
+  const int64_t rows = heads * queries;
+  const int64_t splits = std::max<int64_t>(1, (rows + kRowsPerSplit - 1) / kRowsPerSplit);
   const scalar_t* a = attn.const_data_ptr<scalar_t>();
-  float* imp = importance.mutable_data_ptr<float>();
-  const int64_t chunks = (n + kColumnsPerChunk - 1) / kColumnsPerChunk;
-  const acc_t rows = static_cast<acc_t>(heads * queries);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> sum(kColumnsPerChunk);
+  std::vector<acc_t> partial(batch * splits * n);
+  // Each (sample, row range) streams its rows into its own full-width sums: no shared output.
+  at::parallel_for(0, batch * splits, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t unit = lo; unit < hi; ++unit) {
-      const int64_t b = unit / chunks, j0 = (unit % chunks) * kColumnsPerChunk;
-      const int64_t width = std::min(kColumnsPerChunk, n - j0);
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t h = 0; h < heads; ++h) {
-        for (int64_t q = 0; q < queries; ++q) {
-          const scalar_t* row = a + b * sb + h * sh + q * sq + j0 * sn;
-          for (int64_t c = 0; c < width; ++c) sum[c] += static_cast<acc_t>(row[c * sn]);
+      const int64_t b = unit / splits, r0 = (unit % splits) * kRowsPerSplit;
+      acc_t* sum = partial.data() + unit * n;
+      std::fill(sum, sum + n, acc_t(0));
+      for (int64_t r = r0; r < std::min(rows, r0 + kRowsPerSplit); ++r) {
+        const scalar_t* row = a + b * sb + (r / queries) * sh + (r % queries) * sq;
+        if (sn == 1) {  // the common layout: a loop the compiler vectorizes
+          for (int64_t j = 0; j < n; ++j) sum[j] += static_cast<acc_t>(row[j]);
+        } else {
+          for (int64_t j = 0; j < n; ++j) sum[j] += static_cast<acc_t>(row[j * sn]);
         }
       }
-      for (int64_t c = 0; c < width; ++c) imp[b * n + j0 + c] = static_cast<float>(sum[c] / rows);
     }
   });
+  // The row ranges are added in a fixed order, so the result does not depend on the threads.
+  float* imp = importance.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t total = 0;
+      for (int64_t split = 0; split < splits; ++split) total += partial[(b * splits + split) * n + j];
+      imp[b * n + j] = static_cast<float>(total / static_cast<acc_t>(rows));
+    }
+  }
 }
 
 at::Tensor importance_cpu(const at::Tensor& attn) {

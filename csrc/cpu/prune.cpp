@@ -17,15 +17,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_cpu(
     const at::Tensor& tokens, const std::optional<at::Tensor>& attn, int64_t keep,
     const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& sizes, double alpha, int64_t protect,
     bool merge) {
-  check_hidden(tokens, "tokens");
-  if (attn.has_value()) check_attn(*attn, tokens, "attn", /*allow_4d=*/true);
-  if (metric.has_value()) check_metric(*metric, tokens);
-  if (sizes.has_value()) {
-    check_sizes(*sizes, tokens);
-    check_sizes_values_cpu(*sizes);
-  }
+  check_prune_args(tokens, attn, metric, sizes, keep, protect, alpha);
+  if (sizes.has_value()) check_sizes_values_cpu(*sizes);
   const int64_t batch = tokens.size(0), n = tokens.size(1);
-  check_selection_args(n, keep, protect, alpha);
 
   at::Tensor importance;
   if (attn.has_value()) {

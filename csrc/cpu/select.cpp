@@ -26,9 +26,10 @@ namespace {
 
 // Largest N x N similarity matrix one sample may allocate (64 MiB: N = 4096 in float32).
 constexpr int64_t kSimilarityMatrixBytes = int64_t(64) << 20;
-// A GEMM computes all N columns at once far faster per column than dot products do; it pays off
-// once the greedy will read at least one column in kColumnsPerGemmColumn (measured in bench/).
-constexpr int64_t kColumnsPerGemmColumn = 4;
+// A GEMM computes all N columns at once far faster per column than dot products do (BLAS runs
+// ~20x more FLOP/s here); it pays off once the greedy will read at least one column in
+// kColumnsPerGemmColumn (measured with bench/bench_ops.py).
+constexpr int64_t kColumnsPerGemmColumn = 16;
 // Tokens per thread chunk in a greedy pass: enough work to amortize waking a thread.
 constexpr int64_t kPassWorkPerChunk = int64_t(1) << 16;
 
@@ -117,31 +118,47 @@ void select_sample_impl(const at::Tensor& metric, const at::Tensor& importance, 
   const acc_t* sim = matrix ? similarity_matrix.const_data_ptr<acc_t>() : nullptr;
 
   std::vector<acc_t> red(n, acc_t(-1));
-  std::vector<int64_t> owner(n, -1);
+  std::vector<int32_t> owner(n, -1);  // N < 2^31 is checked by select_sample
+  std::vector<acc_t> score(n);
   std::vector<uint8_t> available(n, 0);
   std::fill(available.begin() + protect, available.end(), 1);
 
-  // One greedy pass over tokens [lo, hi): fold `pick` (if any) into red/owner, then return the
-  // best available candidate of the range. Protected tokens are skipped: they own nothing and
-  // are never picked, so their red/owner are never read.
+  // One greedy pass over tokens [lo, hi): fold `pick` (if any) into red/owner and score every
+  // token (branch-free, so the compiler vectorizes it), then return the best available candidate
+  // of the range: the highest score, the lowest index among equals (math.h's `beats` order).
+  // Protected tokens are skipped: they own nothing and are never picked.
   auto pass = [&](int64_t pick, int64_t lo, int64_t hi) {
-    Candidate<acc_t> best{minus_infinity<acc_t>(), -1};
-    const acc_t* pick_row = pick < 0 ? nullptr : (matrix ? sim + pick * n : u + pick * dm);
-    for (int64_t j = lo; j < hi; ++j) {
-      if (pick >= 0) {  // not pick_row != nullptr: an empty metric (Dm = 0) has no data pointer
+    if (pick >= 0) {  // not "row != nullptr": an empty metric (Dm = 0) has no data pointer
+      const int32_t picked = static_cast<int32_t>(pick);
+      if (matrix) {
         // sim is symmetric up to rounding; reading the pick's row keeps the access contiguous.
-        const acc_t s = matrix ? pick_row[j] : dot(u + j * dm, pick_row, dm);
-        if (takes_ownership(s, red[j])) {
-          red[j] = s;
-          owner[j] = pick;
+        const acc_t* row = sim + pick * n;
+        for (int64_t j = lo; j < hi; ++j) {
+          const bool take = takes_ownership(row[j], red[j]);
+          red[j] = take ? row[j] : red[j];
+          owner[j] = take ? picked : owner[j];
+        }
+      } else {
+        const acc_t* pick_unit = u + pick * dm;
+        for (int64_t j = lo; j < hi; ++j) {
+          const acc_t s = dot(u + j * dm, pick_unit, dm);
+          if (takes_ownership(s, red[j])) {
+            red[j] = s;
+            owner[j] = picked;
+          }
         }
       }
-      if (available[j]) {
-        const acc_t score = greedy_score(alpha, ti[j], red[j]);
-        if (beats(score, j, best.score, best.index)) best = {score, j};
-      }
     }
-    return best;
+    acc_t best_score = minus_infinity<acc_t>();
+    for (int64_t j = lo; j < hi; ++j) {
+      score[j] = greedy_score(alpha, ti[j], red[j]);
+      const acc_t candidate = available[j] ? score[j] : minus_infinity<acc_t>();
+      best_score = candidate > best_score ? candidate : best_score;
+    }
+    for (int64_t j = lo; j < hi; ++j) {
+      if (available[j] && score[j] == best_score) return Candidate<acc_t>{best_score, j};
+    }
+    return Candidate<acc_t>{minus_infinity<acc_t>(), -1};
   };
   const int64_t grain = std::max<int64_t>(1, kPassWorkPerChunk / (matrix ? 1 : std::max<int64_t>(dm, 1)));
   auto parallel_pass = [&](int64_t pick) {
@@ -198,6 +215,7 @@ std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& metric, const st
 
 void select_sample(const at::Tensor& metric, const at::Tensor& importance, int64_t b, const Selection& selection,
                    int64_t* index, int64_t* slot) {
+  TORCH_CHECK(metric.size(1) < (int64_t(1) << 31), "select supports N < 2^31 tokens, got ", metric.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "evoprune_select", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     select_sample_impl<scalar_t, acc_t>(metric, importance, b, selection, index, slot);

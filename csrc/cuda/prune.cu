@@ -17,11 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_cuda(
     const at::Tensor& tokens, const std::optional<at::Tensor>& attn, int64_t keep,
     const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& sizes, double alpha, int64_t protect,
     bool merge) {
-  check_hidden(tokens, "tokens");
-  if (attn.has_value()) check_attn(*attn, tokens, "attn", /*allow_4d=*/true);
-  if (metric.has_value()) check_metric(*metric, tokens);
-  if (sizes.has_value()) check_sizes(*sizes, tokens);
-  check_selection_args(tokens.size(1), keep, protect, alpha);
+  check_prune_args(tokens, attn, metric, sizes, keep, protect, alpha);
   const c10::cuda::CUDAGuard guard(tokens.device());
 
   at::Tensor importance;

@@ -47,7 +47,7 @@ constexpr int kUnitWarpsPerBlock = 8;
 // (256 MiB: 16 samples at N = 2048, 4 at N = 4096, none at N >= 8192 in float32).
 constexpr int64_t kSimilarityBudgetBytes = int64_t(256) << 20;
 // The GEMM pays off once the greedy reads at least one similarity column in this many (as on CPU).
-constexpr int64_t kColumnsPerGemmColumn = 4;
+constexpr int64_t kColumnsPerGemmColumn = 16;
 // Static shared memory of greedy_select (argmax and scan storage) plus headroom, kept free
 // when sizing the dynamic red/owner state against the device's opt-in limit.
 constexpr int64_t kStaticSharedReserve = 4096;
