@@ -65,7 +65,11 @@ void merge_sample_impl(const at::Tensor& tokens, const at::Tensor& sizes, int64_
                        const acc_t weight = size_of(j);
                        const scalar_t* xj = x + j * sn;
                        acc_t* row = sum.data() + p * width;
-                       for (int64_t c = 0; c < width; ++c) row[c] += weight * static_cast<acc_t>(xj[(lo + c) * sd]);
+                       if (sd == 1) {  // the common layout: a loop the compiler vectorizes
+                         for (int64_t c = 0; c < width; ++c) row[c] += weight * static_cast<acc_t>(xj[lo + c]);
+                       } else {
+                         for (int64_t c = 0; c < width; ++c) row[c] += weight * static_cast<acc_t>(xj[(lo + c) * sd]);
+                       }
                      }
                      for (int64_t p = 0; p < keep; ++p) {
                        if (copies_kept_token(members[p], group_size[p])) {
