@@ -126,7 +126,9 @@ class EvoPruneState:
     from image patches to output tokens; SigLIP has no CLS. With `merge=False` a dropped token's slot still names
     the kept token most similar to it, which did not absorb it."""
 
-    def __init__(self, *, keep_ratio, layers, alpha, merge, proportional_attention, metric, step, adapter):
+    def __init__(
+        self, *, keep_ratio, layers, alpha, merge, proportional_attention, metric, step, adapter, processor=None
+    ):
         self.keep_ratio = keep_ratio
         self.layers = layers
         self.alpha = alpha
@@ -136,6 +138,7 @@ class EvoPruneState:
         self.step = step
         self.adapter = adapter
         self.protect = adapter.protect
+        self.processor = processor  # the processor `patch` was given, restored by `unpatch`
         self._reset()
 
     def _reset(self):
@@ -152,9 +155,16 @@ class EvoPruneState:
         batch, tokens = hidden.shape[:2]
         if round((tokens - self.protect) * self.keep_ratio) < 1:
             raise ValueError(f"keep_ratio={self.keep_ratio} keeps no patch of {tokens - self.protect}")
-        self._keeps = dict(zip(self.layers, schedule_keeps(tokens, self.protect, self.keep_ratio, len(self.layers))))
+        keeps = schedule_keeps(tokens, self.protect, self.keep_ratio, len(self.layers))
+        # A step that would keep every token is skipped, so that keep_ratio=1 runs the unpatched model's exact
+        # arithmetic (no log(1) bias, no identity merge) and reproduces its outputs bit for bit.
+        self._keeps = {layer: keep for layer, keep in zip(self.layers, keeps) if keep < tokens}
         self.slot = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
         self.index = self.slot
+
+    def kept_patches(self, patches: int) -> int:
+        """Patch tokens left of `patches` (protected tokens aside): what a processor counts placeholders by."""
+        return kept_tokens(patches, self.keep_ratio)
 
     def prunes_at(self, layer: int) -> bool:
         return layer in self._keeps
@@ -285,6 +295,7 @@ def patch(
     model: nn.Module,
     *,
     keep_ratio: float,
+    processor=None,
     layers: Sequence[int] | None = None,
     alpha: float | None = None,
     merge: bool = True,
@@ -296,6 +307,8 @@ def patch(
 
     keep_ratio: fraction of the patches left at the end; the encoder outputs exactly
         `kept_tokens(num_patches, keep_ratio, protect)` tokens (protect = 1 for CLIP's CLS, 0 for SigLIP).
+    processor: the multimodal LLM's processor (LLaVA, LLaVA-OneVision), patched in place too so that it emits one
+        placeholder per token the pruned tower keeps, counted from the input sizes alone; `unpatch` restores it.
     layers: the 0-based layers that prune (after their attention, before their MLP), each keeping the same
         fraction of the patches; None for `default_layers`.
     alpha: weight of attention importance against diversity (SPEC.md section 3); None for DEFAULT_ALPHA.
@@ -306,10 +319,14 @@ def patch(
 
     Patching a patched model replaces the first patch. Supported: see `evoprune_ext.adapters.SUPPORTED`.
     """
-    from evoprune_ext.adapters import find_tower
+    from evoprune_ext.adapters import find_family, find_tower
 
     unpatch(model)
     tower, adapter = find_tower(model)
+    inner, family = find_family(model)
+    if processor is not None and (family is None or not isinstance(processor, family.processor)):
+        expected = "no processor" if family is None else f"a {family.processor.__name__}"
+        raise TypeError(f"processor: {type(model).__name__} takes {expected}, got {type(processor).__name__}")
     encoder_layers = tower.encoder.layers
     layers = default_layers(len(encoder_layers)) if layers is None else sorted({int(layer) for layer in layers})
     if not layers or not all(0 <= layer < len(encoder_layers) for layer in layers):
@@ -321,6 +338,8 @@ def patch(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if family is not None:
+        _check_feature_layers(inner.config, layers, len(encoder_layers))
 
     state = EvoPruneState(
         keep_ratio=keep_ratio,
@@ -331,6 +350,7 @@ def patch(
         metric=metric,
         step=evoprune_step if step is None else step,
         adapter=adapter,
+        processor=processor,
     )
     _swap(tower.encoder, _Encoder, state)
     for i, layer in enumerate(encoder_layers):
@@ -339,17 +359,46 @@ def patch(
     head = getattr(tower, adapter.head, None) if adapter.head else None
     if head is not None:
         _swap(head, adapter.head_mixin, state)
+    # At keep_ratio 1 nothing is pruned: the family's model and processor keep their own layout and counts.
+    if family is not None and keep_ratio < 1:
+        if family.model_mixin is not None:
+            _swap(inner, family.model_mixin, state)
+        if processor is not None:
+            _swap(processor, family.processor_mixin, state)
     tower.evoprune_state = state
     model.evoprune_state = state
     return model
 
 
+def _check_feature_layers(config, layers: list[int], num_layers: int) -> None:
+    """The language model reads the tower's hidden states at `config.vision_feature_layer`: each must come after
+    the last pruning layer, or its token count would not be the pruned one the processor announces."""
+    chosen = config.vision_feature_layer
+    for feature_layer in [chosen] if isinstance(chosen, int) else chosen:
+        # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings).
+        produced_by = (feature_layer % (num_layers + 1)) - 1
+        if produced_by < layers[-1]:
+            raise ValueError(
+                f"layers: the model reads vision_feature_layer={feature_layer} (the output of layer {produced_by}), "
+                f"so every pruning layer must be <= {produced_by}; got {layers}"
+            )
+
+
+def _restore(obj) -> None:
+    obj.__class__ = obj._evoprune_base
+    del obj._evoprune
+    vars(obj).pop("_evoprune_layer", None)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo `patch` in place (a no-op on a model that is not patched); returns `model`."""
+    """Undo `patch` in place, on the model and the processor it patched (a no-op on a model that is not
+    patched); returns `model`."""
+    state = vars(model).get("evoprune_state")
+    processor = state.processor if state is not None else None
+    if processor is not None and "_evoprune" in vars(processor):
+        _restore(processor)
     for module in model.modules():
         if "_evoprune" in vars(module):
-            module.__class__ = module._evoprune_base
-            del module._evoprune
-            vars(module).pop("_evoprune_layer", None)
+            _restore(module)
         vars(module).pop("evoprune_state", None)
     return model

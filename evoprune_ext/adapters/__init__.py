@@ -1,10 +1,14 @@
-"""The vision towers `evoprune_ext.patch` knows, and the little that differs between them.
+"""The vision towers and multimodal LLMs `evoprune_ext.patch` knows, and the little that differs between them.
 
 A tower is the module that holds `embeddings` and `encoder` (in transformers 5, `CLIPVisionModel` and
 `SiglipVisionModel`; in older releases their `vision_model`, a `CLIPVisionTransformer` / `SiglipVisionTransformer`).
 Its encoder layers and attention modules have the same structure in both families and are patched by
-`evoprune_ext.encoder` alone; an adapter only says how to recognize the tower and what EvoPrune must know about
+`evoprune_ext.encoder` alone; an `Adapter` only says how to recognize the tower and what EvoPrune must know about
 its family.
+
+A multimodal LLM around a tower (LLaVA, LLaVA-OneVision) is a `Family`: the mixins that make its processor emit
+one placeholder per token the pruned tower keeps, and its model pack those tokens where it differs from the
+unpruned layout. Each family's module says only that (`llava.py`, `llava_onevision.py`).
 """
 
 from collections.abc import Callable
@@ -14,7 +18,7 @@ from torch import nn
 
 SUPPORTED = (
     "transformers' CLIPVisionModel / CLIPVisionTransformer, SiglipVisionModel / SiglipVisionTransformer, "
-    "or a model containing exactly one of them (LLaVA, CLIPModel, ...)"
+    "or a model containing exactly one of them (LLaVA, LLaVA-OneVision, CLIPModel, ...)"
 )
 
 
@@ -29,7 +33,16 @@ class Adapter:
     head_mixin: type | None = None  # class mixed into that head to make it size-aware
 
 
-def _adapters() -> list[Adapter]:
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model: type  # the family's inner model class (holds the tower and the language model): how it is recognized
+    processor: type  # the processor class whose placeholders `processor_mixin` recounts
+    processor_mixin: type
+    model_mixin: type | None = None  # mixed into the inner model where pruned features are packed differently
+
+
+def _transformers():
     try:
         import transformers
     except ImportError as error:
@@ -37,9 +50,29 @@ def _adapters() -> list[Adapter]:
     if int(transformers.__version__.split(".")[0]) < 5:
         # Older encoder layers return tuples and pick attention classes differently from what encoder.py patches.
         raise ImportError(f"evoprune_ext.patch needs transformers>=5, found {transformers.__version__}")
+
+
+def _adapters() -> list[Adapter]:
+    _transformers()
     from evoprune_ext.adapters import clip, siglip
 
     return [clip.ADAPTER, siglip.ADAPTER]
+
+
+def _families() -> list[Family]:
+    _transformers()
+    from evoprune_ext.adapters import llava, llava_onevision
+
+    return [llava.FAMILY, llava_onevision.FAMILY]
+
+
+def find_family(model: nn.Module) -> tuple[nn.Module, Family] | tuple[None, None]:
+    """The inner model of a known multimodal LLM family in `model` and its family, or (None, None)."""
+    for module in model.modules():
+        for family in _families():
+            if isinstance(module, family.model):
+                return module, family
+    return None, None
 
 
 def find_tower(model: nn.Module) -> tuple[nn.Module, Adapter]:

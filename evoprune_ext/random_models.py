@@ -1,0 +1,118 @@
+"""Random-weight multimodal LLMs with working processors, built locally (nothing is downloaded): LLaVA-1.5
+(CLIP tower) and LLaVA-OneVision (SigLIP tower), at tiny shapes for tests or at real shapes for the demo and the
+benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video placeholders as
+special tokens; the generated text is meaningless, the token counts and timings are real.
+"""
+
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
+WORDS = "USER ASSISTANT : what is in this image video describe the scene count objects left right how many".split()
+
+# Layer sizes (transformers config arguments). The real ones are those of the published checkpoints.
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=8)
+TINY_SIGLIP = TINY_CLIP
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY_TEXT.update(num_key_value_heads=2, vocab_size=64)
+TINY_IMAGE = 56  # a 7 x 7 grid of 8-pixel patches
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+SIGLIP_SO400M.update(patch_size=14)
+QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
+QWEN2_0_5B.update(num_key_value_heads=2, vocab_size=151936)
+
+
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS, with the placeholders as special tokens (left padding, for generate)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>", "<video>"],
+        padding_side="left",
+    )
+    return fast
+
+
+def llava(*, tiny: bool = True, text: dict | None = None, attention: str = "sdpa", seed: int = 0):
+    """(LlavaForConditionalGeneration, LlavaProcessor): a CLIP tower (CLIP-L/336 unless tiny) and a Llama-shaped
+    language model (`text`, default TINY_TEXT or QWEN2_0_5B's sizes), "default" strategy (CLS dropped), layer -2."""
+    import torch
+
+    image = TINY_IMAGE if tiny else 336
+    vision = transformers.CLIPVisionConfig(**(TINY_CLIP if tiny else CLIP_L_336), image_size=image)
+    words = tokenizer()
+    language = transformers.LlamaConfig(**(text or (TINY_TEXT if tiny else QWEN2_0_5B)))
+    language.pad_token_id, language.eos_token_id = words.pad_token_id, words.eos_token_id
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=language,
+        image_token_id=words.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = words.pad_token_id
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": image}, crop_size={"height": image, "width": image}
+        ),
+        tokenizer=words,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def llava_onevision(*, tiny: bool = True, text: dict | None = None, attention: str = "sdpa", seed: int = 0):
+    """(LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor or None): a SigLIP tower (so400m at 384
+    unless tiny), a Qwen2-shaped language model, anyres grids up to 2 x 2 crops. The processor is None where
+    torchvision does not import: transformers' video processors need it, and the processor needs one."""
+    import torch
+
+    image = TINY_IMAGE if tiny else 384
+    vision = transformers.SiglipVisionConfig(**(TINY_SIGLIP if tiny else SIGLIP_SO400M), image_size=image)
+    pinpoints = [[image * rows, image * columns] for rows in (1, 2) for columns in (1, 2)]
+    words = tokenizer()
+    language = transformers.Qwen2Config(**(text or (TINY_TEXT if tiny else QWEN2_0_5B)))
+    language.pad_token_id, language.eos_token_id = words.pad_token_id, words.eos_token_id
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=language,
+        image_token_index=words.convert_tokens_to_ids("<image>"),
+        video_token_index=words.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = words.pad_token_id
+    return model, _onevision_processor(image, vision.patch_size, pinpoints, words)
+
+
+def _onevision_processor(image, patch_size, pinpoints, words):
+    """transformers builds a LlavaOnevisionProcessor only where torchvision imports (for its video processor)."""
+    try:
+        video_processor = transformers.LlavaOnevisionVideoProcessor(size={"height": image, "width": image})
+    except ImportError:
+        return None
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=transformers.LlavaOnevisionImageProcessorPil(
+            size={"height": image, "width": image}, image_grid_pinpoints=pinpoints
+        ),
+        tokenizer=words,
+        video_processor=video_processor,
+        num_image_tokens=(image // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+    )
