@@ -1,7 +1,8 @@
 """`evoprune demo`: EvoPrune inside a CLIP ViT-L/14-336 vision encoder (LLaVA-1.5's tower) on real images.
 
 Prints how many tokens leave the encoder, how long it takes and how many FLOPs it saves at a few keep ratios,
-times the fused op against the pure-PyTorch reference at that encoder's shape, and draws, for each pruning step,
+times the fused op against the pure-PyTorch reference at that encoder's shape, measures the time to first token
+of a whole LLaVA-1.5-shaped model (random weights) with and without EvoPrune, and draws, for each pruning step,
 which patches were kept (outlined) and which merged into them (colored like the token they joined).
 
 Random weights unless `--weights DIR` names a local Hugging Face CLIP checkpoint: then the attention of the CLS
@@ -198,6 +199,37 @@ def _timing_table(model, image: torch.Tensor, tokens: int, runs: int, out) -> No
         print(f"  {ratio:>10}  {count:>6}  {ms:>10.1f}  {speedup:>6.2f}x  {100 * saved:>10.1f}%", file=out)
 
 
+def _end_to_end(rgb: torch.Tensor, quick: bool, runs: int, out) -> None:
+    """Time to first token of a LLaVA-1.5-shaped model (random weights) on the first image, with the user's own
+    code (`processor(...)`, `model.generate(...)`), unpatched and at each of KEEP_RATIOS."""
+    from evoprune_ext import random_models
+
+    image_module = _require("PIL.Image", "demo")
+    model, processor = random_models.llava(tiny=quick)
+    picture = image_module.fromarray((rgb[0].numpy() * 255).astype(numpy.uint8))
+    prompt = "USER : <image> describe the scene ASSISTANT :"
+    rows = []
+    for keep_ratio in (1.0, *KEEP_RATIOS):
+        patch(model, keep_ratio=keep_ratio, processor=processor)
+        inputs = processor(images=[picture], text=[prompt], return_tensors="pt")
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1)  # warm-up
+            ms = _median_ms(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False), runs)
+        visual = int((inputs["input_ids"] == processor.image_token_id).sum())
+        rows.append((f"{keep_ratio:g}" if keep_ratio < 1 else "off", visual, inputs["input_ids"].shape[1], ms))
+    unpatch(model)
+    vision, text = model.config.vision_config, model.config.text_config
+    print(
+        f"\nEnd to end: a LLaVA-1.5-shaped model with random weights always (CLIP tower of {vision.num_hidden_layers} layers, "
+        f"a {text.num_hidden_layers}-layer LM of width {text.hidden_size}), `processor(...)` then "
+        f"`model.generate(...)` unchanged; time to first token, median of {runs}:",
+        file=out,
+    )
+    print(f"  {'keep ratio':>10}  {'visual tokens':>13}  {'prefill tokens':>14}  {'TTFT ms':>8}  {'speedup':>7}", file=out)
+    for ratio, visual, prefill, ms in rows:
+        print(f"  {ratio:>10}  {visual:>13}  {prefill:>14}  {ms:>8.1f}  {rows[0][3] / ms:>6.2f}x", file=out)
+
+
 def run(weights: str | None = None, out_path: str = "evoprune_demo.png", quick: bool = False, out=None) -> None:
     """The whole demo; prints to `out` (default sys.stdout)."""
     out = sys.stdout if out is None else out
@@ -224,6 +256,7 @@ def run(weights: str | None = None, out_path: str = "evoprune_demo.png", quick: 
 
     _timing_table(model, pixels[:1], tokens, 2 if quick else 3, out)
     _time_op(model, pixels, 5 if quick else 20, out)
+    _end_to_end(rgb, quick, 2 if quick else 3, out)
 
     patch(model, keep_ratio=PICTURE_KEEP_RATIO)
     with torch.inference_mode():

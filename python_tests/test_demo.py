@@ -1,4 +1,4 @@
-"""`evoprune demo --quick`: the table, the op timing and the picture, with a small encoder."""
+"""`evoprune demo --quick`: the table, the op timing, the end-to-end table and the picture, with small models."""
 
 import io
 
@@ -24,6 +24,11 @@ def test_quick_demo(tmp_path, capsys):
     for ratio, tokens in zip(demo.KEEP_RATIOS, (33, 17, 9), strict=True):
         assert table[table.index(f"{ratio:g}") + 1] == str(tokens)
     assert "torch.ops.evoprune.prune" in printed and "reference.prune" in printed
+    end_to_end = printed.split("End to end")[1].split("speedup")[1].split("Wrote")[0].split()
+    # keep ratio, visual tokens, prefill tokens, ms, speedup: 49 patches of the tiny LLaVA's 56 x 56 image.
+    rows = [end_to_end[i : i + 5] for i in range(0, len(end_to_end), 5)]
+    assert [row[:2] for row in rows] == [["off", "49"], ["0.5", "24"], ["0.25", "12"], ["0.125", "6"]]
+    assert [int(row[2]) - int(row[1]) for row in rows] == [int(rows[0][2]) - 49] * 4  # the same text
     assert picture.read_bytes().startswith(PNG_MAGIC)
 
 
