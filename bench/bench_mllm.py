@@ -171,7 +171,8 @@ def markdown(rows: list[dict], new_tokens: int) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['setting']} | {r['where']} | {r['visual_tokens']} | "
-            f"{r['encoder_ms']:.0f} ({r['encoder_speedup']:.2f}x) | {r['prefill_ms']:.0f} ({r['prefill_speedup']:.2f}x) | "
+            f"{r['encoder_ms']:.0f} ({r['encoder_speedup']:.2f}x) | "
+            f"{r['prefill_ms']:.0f} ({r['prefill_speedup']:.2f}x) | "
             f"{r['ttft_ms']:.0f} | {r['ttft_speedup']:.2f}x | {r['ideal']:.2f}x | "
             f"{100 * r['ttft_speedup'] / r['ideal']:.0f}% | {r['generate_ms']:.0f} | {r['generate_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"

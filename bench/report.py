@@ -2,7 +2,8 @@
 
 1. bench_ops.py: the op vs the reference and the peers at S1-S5, and the sweep over N;
 2. bench_encoder.py: end-to-end CLIP-L/336 and SigLIP-so400m encoders, unpatched vs EvoPrune vs ToMe;
-3. eval_quality.py: accuracy vs retention of the trained quality model, EvoPrune vs the peers.
+3. eval_quality.py: accuracy vs retention of the trained quality model, EvoPrune vs the peers;
+4. bench_mllm.py: time to first token of LLaVA-1.5 and LLaVA-OneVision, EvoPrune vs peers in and after the encoder.
 Raw results go to bench/results/ (JSON, markdown, the quality plot); the page links the plot.
 
     python bench/report.py [--quick]     # --quick: smoke sizes, writes to bench/results/ only
@@ -24,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_encoder  # noqa: E402
+import bench_mllm  # noqa: E402
 import bench_ops  # noqa: E402
 import eval_quality  # noqa: E402
 
@@ -52,6 +54,7 @@ def main(argv=None) -> None:
     quality_args = ["--smoke"] if args.quick else []
     eval_quality.main([*quality_args, "--out", str(results)])
     quality_md = (results / "quality.md").read_text()
+    mllm = bench_mllm.main([*quick, "--json", str(results / "mllm.json")])
     elapsed = time.perf_counter() - start
     if args.quick:
         print(f"bench/report.py --quick: all benchmarks ran in {elapsed:.0f} s")
@@ -86,6 +89,15 @@ measured speedup over the FLOP-count ideal of the same token schedule; "ops" the
 spent inside torch.ops.evoprune.
 
 {bench_encoder.markdown(encoder)}
+
+## End to end (`bench/bench_mllm.py`)
+Random-weight models at real shapes, float32, SDPA, batch 1: LLaVA-1.5 (CLIP-L/336 and a Llama LM with
+Qwen2-0.5B's sizes) on one image; LLaVA-OneVision-0.5B (SigLIP-so400m/384 and Qwen2-0.5B) on an 8-frame video,
+whose unpatched frames are pooled 729 -> 196 tokens. Speedups in brackets and "TTFT speedup" are over the
+unpatched model; "FLOP ideal" is the FLOP count's speedup (tower and LM prefill), "of ideal" their ratio.
+"after encoder" peers prune once at the tower's output layer, so only the LM saves.
+
+{bench_mllm.markdown(mllm, 32)}
 
 ## Quality (`bench/eval_quality.py`)
 ![accuracy vs retention](quality.png)

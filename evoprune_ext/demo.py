@@ -220,8 +220,8 @@ def _end_to_end(rgb: torch.Tensor, quick: bool, runs: int, out) -> None:
     unpatch(model)
     vision, text = model.config.vision_config, model.config.text_config
     print(
-        f"\nEnd to end: a LLaVA-1.5-shaped model with random weights always (CLIP tower of {vision.num_hidden_layers} layers, "
-        f"a {text.num_hidden_layers}-layer LM of width {text.hidden_size}), `processor(...)` then "
+        f"\nEnd to end: a LLaVA-1.5-shaped model, random weights always (CLIP tower of {vision.num_hidden_layers} "
+        f"layers, a {text.num_hidden_layers}-layer LM of width {text.hidden_size}), `processor(...)` then "
         f"`model.generate(...)` unchanged; time to first token, median of {runs}:",
         file=out,
     )
