@@ -168,7 +168,7 @@ ONEVISION_INPUTS = {
     ),
     "video": dict(videos=[video(4)], text=["USER : <video> describe the scene ASSISTANT :"]),
     "two videos": dict(
-        videos=[video(4), video(3, seed=1)],
+        videos=[video(4), video(4, seed=1)],  # transformers stacks videos: equal frame counts
         text=["USER : <video> describe ASSISTANT :", "USER : <video> how many objects ASSISTANT :"],
     ),
 }
@@ -195,7 +195,8 @@ def test_onevision_placeholders_match_the_pruned_features(kind, keep_ratio):
     full, _ = generate(model, processor, **ONEVISION_INPUTS[kind])
     evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
     batch, out = generate(model, processor, **ONEVISION_INPUTS[kind])  # fails if counts and features differ
-    assert batch["input_ids"].shape[1] < full["input_ids"].shape[1]
+    if "video" not in kind:  # unpatched frames are pooled 49 -> 16 tokens: fewer than round(49 * 0.5)
+        assert batch["input_ids"].shape[1] < full["input_ids"].shape[1]
     k = round(TOKENS_PER_CROP * keep_ratio)
     if "video" in kind:
         frames = [len(v) for v in ONEVISION_INPUTS[kind]["videos"]]
