@@ -85,10 +85,9 @@ at::Tensor scatter(const std::vector<Bucket>& buckets, const std::vector<at::Ten
   return at::cat(rows);
 }
 
-// offsets[i] repeated counts[i] times, for every sequence i in order.
+// offsets[i] repeated counts[i] times, for every sequence i in order (offsets are ascending).
 at::Tensor repeat_offsets(const Ints& offsets, const Ints& counts, const at::TensorOptions& options) {
-  const int64_t largest = offsets.back() + counts.back();
-  const at::Tensor values = at::arange(largest + 1, options);
+  const at::Tensor values = at::arange(offsets.back() + 1, options);
   std::vector<at::Tensor> pieces;
   pieces.reserve(offsets.size());
   for (size_t i = 0; i < offsets.size(); ++i) pieces.push_back(values.narrow(0, offsets[i], 1).expand({counts[i]}));
