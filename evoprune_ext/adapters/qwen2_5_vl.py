@@ -19,6 +19,7 @@ What differs from CLIP and SigLIP (evoprune_ext/encoder.py):
   them after each step: `cu_seqlens` (per frame), `cu_window_seqlens` (a window that lost all its units
   disappears), the rotary embeddings (gathered per kept unit) and the units' global raster ids, whose argsort
   restores the raster order of the kept units after the merger, as `argsort(window_index)` does unpruned.
+  Unit sizes carry from step to step (hierarchical merging); attention is not made size-aware.
 
 Only the tower is patched: the language model still expects `t*h*w/4` placeholders per image or video.
 """
@@ -146,10 +147,12 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
         self.permute_input_for_window_attn(freq, window_index, seq_len=seq_len)
         for freq in self.rotary_pos_emb(hidden_states, position_ids)
     )
-    window_units = (cu_window_seqlens.diff() // UNIT).long()
+    # transformers builds window_index on the CPU: the bookkeeping lives on the tokens' device.
+    device = hidden_states.device
+    window_units = (cu_window_seqlens.diff() // UNIT).to(device, torch.int64)
     units = _Units(
-        ids=window_index,
-        window=torch.repeat_interleave(torch.arange(len(window_units), device=window_units.device), window_units),
+        ids=window_index.to(device),
+        window=torch.repeat_interleave(torch.arange(len(window_units), device=device), window_units),
         frames=frames,
         sizes=hidden_states.new_ones(len(window_index), dtype=torch.float32),
         position_embeddings=position_embeddings,
