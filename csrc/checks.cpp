@@ -109,6 +109,88 @@ void check_qk(const at::Tensor& q, const at::Tensor& k, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
 }
 
+void check_packed_hidden(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must have shape [T, D] (2 dimensions), got ", t.dim(), " dimensions with shape ",
+              t.sizes());
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_packed_lengths(at::IntArrayRef lengths, int64_t total, const char* name, const char* packed_name) {
+  TORCH_CHECK_VALUE(!lengths.empty(), name, " must have at least one entry (one per sequence), got none");
+  int64_t sum = 0;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    TORCH_CHECK_VALUE(lengths[i] >= 0, name, " must be >= 0, got ", name, "[", i, "] = ", lengths[i]);
+    sum += lengths[i];
+  }
+  TORCH_CHECK_VALUE(sum == total, name, " must sum to the packed size of ", packed_name, " (", total, "), got ", sum);
+}
+
+void check_packed_select_args(const at::Tensor& hidden, const char* hidden_name,
+                              const std::optional<at::Tensor>& importance, at::IntArrayRef lengths,
+                              at::IntArrayRef keep, int64_t protect, double alpha) {
+  check_packed_hidden(hidden, hidden_name);
+  const int64_t t = hidden.size(0);
+  if (importance.has_value()) {
+    TORCH_CHECK(importance->dim() == 1 && importance->size(0) == t, "importance must have shape [T] = [", t,
+                "], got ", importance->sizes());
+    TORCH_CHECK(importance->scalar_type() == at::kFloat || importance->scalar_type() == hidden.scalar_type(),
+                "importance must be float32 or the dtype of ", hidden_name, " (", hidden.scalar_type(), "), got ",
+                importance->scalar_type());
+    check_same_device(*importance, hidden, "importance");
+  }
+  check_packed_lengths(lengths, t, "lengths", hidden_name);
+  TORCH_CHECK_VALUE(keep.size() == lengths.size(), "keep must have one entry per sequence (", lengths.size(),
+                    "), got ", keep.size());
+  TORCH_CHECK_VALUE(protect >= 0, "protect must be >= 0, got ", protect);
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    TORCH_CHECK_VALUE(protect <= lengths[i], "protect must be <= every length, got protect = ", protect,
+                      " > lengths[", i, "] = ", lengths[i]);
+    TORCH_CHECK_VALUE(keep[i] >= protect && keep[i] <= lengths[i], "keep[", i, "] must be in [protect, lengths[", i,
+                      "]] = [", protect, ", ", lengths[i], "], got ", keep[i]);
+  }
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+}
+
+void check_packed_prune_args(const at::Tensor& tokens, const std::optional<at::Tensor>& importance,
+                             const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& sizes,
+                             at::IntArrayRef lengths, at::IntArrayRef keep, int64_t protect, double alpha) {
+  check_packed_select_args(tokens, "tokens", importance, lengths, keep, protect, alpha);
+  const int64_t t = tokens.size(0);
+  if (metric.has_value()) {
+    check_packed_hidden(*metric, "metric");
+    TORCH_CHECK(metric->size(0) == t, "metric must have shape [T, Dm] with T of tokens (", t, "), got ",
+                metric->sizes());
+    TORCH_CHECK(metric->scalar_type() == tokens.scalar_type(), "metric must have the dtype of tokens (",
+                tokens.scalar_type(), "), got ", metric->scalar_type());
+    check_same_device(*metric, tokens, "metric");
+  }
+  if (sizes.has_value()) {
+    TORCH_CHECK(sizes->dim() == 1 && sizes->size(0) == t, "sizes must have shape [T] = [", t, "], got ",
+                sizes->sizes());
+    TORCH_CHECK(sizes->scalar_type() == at::kFloat, "sizes must be float32, got ", sizes->scalar_type());
+    check_same_device(*sizes, tokens, "sizes");
+  }
+}
+
+void check_packed_qk(const at::Tensor& q, const at::Tensor& k, double scale, at::IntArrayRef q_lengths,
+                     at::IntArrayRef k_lengths) {
+  TORCH_CHECK(q.dim() == 3, "q must have shape [H, Tq, d] (3 dimensions), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, "k must have shape [H, T, d] (3 dimensions), got shape ", k.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "k must have shape [H, T, d] with H, d of q (",
+              q.size(0), ", ", q.size(2), "), got ", k.sizes());
+  TORCH_CHECK(is_supported_float(q.scalar_type()), "q must be float32, float64, float16 or bfloat16, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
+              k.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "k must be on the device of q (", q.device(), "), got ", k.device());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  check_packed_lengths(q_lengths, q.size(1), "q_lengths", "q");
+  check_packed_lengths(k_lengths, k.size(1), "k_lengths", "k");
+  TORCH_CHECK_VALUE(q_lengths.size() == k_lengths.size(), "k_lengths must have one entry per sequence of q_lengths (",
+                    q_lengths.size(), "), got ", k_lengths.size());
+}
+
 void check_sizes_values_cpu(const at::Tensor& sizes) {
   // One pass over B*N floats; reductions stay quiet for NaN, so test each condition explicitly.
   const bool all_finite = at::isfinite(sizes).all().item<bool>();

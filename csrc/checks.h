@@ -30,6 +30,24 @@ void check_attention(const at::Tensor& attn);
 // q [B,H,Q,d] and k [B,H,N,d]: same B, H, d, dtype and device; finite scale.
 void check_qk(const at::Tensor& q, const at::Tensor& k, double scale);
 
+// The packed form (csrc/packed.cpp): T tokens of several sequences in one tensor, lengths and
+// keep counts given per sequence.
+// tokens or metric: [T, D], float32/float64/float16/bfloat16.
+void check_packed_hidden(const at::Tensor& t, const char* name);
+// lengths: at least one entry, each >= 0, summing to total (the packed size of `packed_name`).
+void check_packed_lengths(at::IntArrayRef lengths, int64_t total, const char* name, const char* packed_name);
+// Every argument of select_packed (hidden = metric) or, with hidden = tokens, the ones prune_packed shares with it.
+void check_packed_select_args(const at::Tensor& hidden, const char* hidden_name,
+                              const std::optional<at::Tensor>& importance, at::IntArrayRef lengths,
+                              at::IntArrayRef keep, int64_t protect, double alpha);
+// Every argument of prune_packed.
+void check_packed_prune_args(const at::Tensor& tokens, const std::optional<at::Tensor>& importance,
+                             const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& sizes,
+                             at::IntArrayRef lengths, at::IntArrayRef keep, int64_t protect, double alpha);
+// q [H, Tq, d] and k [H, T, d] with their lengths: same H, d, dtype, device, number of sequences; finite scale.
+void check_packed_qk(const at::Tensor& q, const at::Tensor& k, double scale, at::IntArrayRef q_lengths,
+                     at::IntArrayRef k_lengths);
+
 // Reads sizes (CPU only): every entry finite and >= 0.
 void check_sizes_values_cpu(const at::Tensor& sizes);
 // Reads index and slot (CPU only): index in [0,N), slot in [-1,K), slot[b, index[b,p]] == p.

@@ -1,7 +1,8 @@
 """EvoPrune: visual token pruning inside vision encoders, as fused PyTorch ops.
 
 Importing the package loads the native library, which registers ``torch.ops.evoprune.*``
-(``prune``, ``select``, ``merge``, ``importance``, ``importance_from_qk``; see SPEC.md and
+(``prune``, ``select``, ``merge``, ``importance``, ``importance_from_qk``, and the packed forms
+``prune_packed``, ``select_packed``, ``importance_from_qk_packed``; see SPEC.md and
 docs/ALGORITHM.md) with their autograd, and attaches their fake kernels (``evoprune_ext.ops``).
 ``evoprune_ext.patch(model, keep_ratio=...)`` makes a Hugging Face CLIP or SigLIP vision tower
 prune inside its encoder (``evoprune_ext.encoder``; transformers is imported only then).

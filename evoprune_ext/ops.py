@@ -3,7 +3,11 @@
 The schemas live in ``csrc/ops.cpp``, the kernels in ``csrc/cpu`` and ``csrc/cuda``, and the
 autograd of ``prune`` and ``merge`` in ``csrc/autograd.cpp``. Here:
 - ``register_fake`` for every op, so meta tensors, FakeTensor and ``torch.compile`` see the shapes;
-- ``prune(...)``, a convenience wrapper over ``torch.ops.evoprune.prune``.
+- ``prune(...)``, a convenience wrapper over ``torch.ops.evoprune.prune``;
+- ``lengths_from_cu_seqlens``, the int lists the ``*_packed`` ops take, from varlen attention's offsets.
+
+The ``*_packed`` ops need no fake kernel or autograd here: csrc/packed.cpp composes them from the
+batched ops (CompositeImplicitAutograd).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from .defaults import DEFAULT_ALPHA
 
-__all__ = ["Pruned", "prune"]
+__all__ = ["Pruned", "lengths_from_cu_seqlens", "prune"]
 
 
 class Pruned(NamedTuple):
@@ -123,3 +127,16 @@ def prune(
     if unbatched:
         result = tuple(t.squeeze(0) for t in result)
     return Pruned(*result)
+
+
+def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
+    """Sequence lengths from cumulative offsets ``[0, n_0, n_0 + n_1, ...]`` (varlen attention's
+    ``cu_seqlens``), as the ``lengths`` of the ``*_packed`` ops. Reads the tensor: one device sync,
+    which is why the ops take int lists and not this tensor."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [sequences + 1], got {tuple(cu_seqlens.shape)}")
+    offsets = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {offsets}")
+    return lengths

@@ -248,3 +248,97 @@ def prune(
             sizes = torch.ones((B, N), dtype=torch.float32, device=tokens.device)
         sizes_out = sizes.gather(1, index).float()
     return out, index, sizes_out, slot
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packed sequences (docs/ALGORITHM.md): several sequences in one [T, ...] tensor, each pruned on its own
+
+
+def _check_packed(total: int, lengths: list[int], keep: list[int]) -> None:
+    if any(n < 0 for n in lengths) or sum(lengths) != total:
+        raise ValueError(f"lengths must be >= 0 and sum to T={total}, got {list(lengths)}")
+    if len(keep) != len(lengths):
+        raise ValueError(f"keep must have one entry per sequence ({len(lengths)}), got {len(keep)}")
+
+
+def _starts(lengths: list[int]) -> list[int]:
+    """Where each sequence starts in the packed tensor."""
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def _packed_slot(slot: Tensor, output_start: int) -> Tensor:
+    """A sequence's slot [n] in output positions of the whole packed output (-1 stays -1)."""
+    return torch.where(slot >= 0, slot + output_start, -1)
+
+
+def select_packed(
+    metric: Tensor,
+    importance: Tensor | None,
+    *,
+    lengths: list[int],
+    keep: list[int],
+    alpha: float = DEFAULT_ALPHA,
+    protect: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """select on each sequence of metric [T,Dm] (importance [T] or None).
+
+    Returns index [sum(keep)] and slot [T], in positions of the packed input and output.
+    """
+    _check_packed(metric.shape[0], lengths, keep)
+    indexes, slots = [], []
+    for start, out_start, n, k in zip(_starts(lengths), _starts(keep), lengths, keep):
+        imp = None if importance is None else importance[None, start : start + n]
+        index, slot = select(metric[None, start : start + n], imp, keep=k, alpha=alpha, protect=protect)
+        indexes.append(index[0] + start)
+        slots.append(_packed_slot(slot[0], out_start))
+    return torch.cat(indexes), torch.cat(slots)
+
+
+def prune_packed(
+    tokens: Tensor,
+    importance: Tensor | None,
+    *,
+    lengths: list[int],
+    keep: list[int],
+    metric: Tensor | None = None,
+    sizes: Tensor | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    protect: int = 0,
+    merge: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """prune on each sequence of tokens [T,D] (importance [T] or None, metric [T,Dm], sizes [T]).
+
+    Returns (out [sum(keep),D], index [sum(keep)], sizes_out [sum(keep)] float32, slot [T]), in packed positions.
+    """
+    _check_packed(tokens.shape[0], lengths, keep)
+    results = []
+    for start, out_start, n, k in zip(_starts(lengths), _starts(keep), lengths, keep):
+        piece = slice(start, start + n)
+        out, index, sizes_out, slot = prune(
+            tokens[None, piece],
+            None if importance is None else importance[None, piece],
+            keep=k,
+            metric=None if metric is None else metric[None, piece],
+            sizes=None if sizes is None else sizes[None, piece],
+            alpha=alpha,
+            protect=protect,
+            merge=merge,
+        )
+        results.append((out[0], index[0] + start, sizes_out[0], _packed_slot(slot[0], out_start)))
+    return tuple(torch.cat(parts) for parts in zip(*results))
+
+
+def importance_from_qk_packed(
+    q: Tensor, k: Tensor, scale: float, *, q_lengths: list[int], k_lengths: list[int]
+) -> Tensor:
+    """importance_from_qk on each sequence: q [H,Tq,d] rows of sequence i attend over its keys of k [H,T,d] -> [T]."""
+    if len(q_lengths) != len(k_lengths) or sum(q_lengths) != q.shape[1] or sum(k_lengths) != k.shape[1]:
+        raise ValueError(
+            f"q_lengths and k_lengths must have one entry per sequence and sum to Tq={q.shape[1]} and T={k.shape[1]}, "
+            f"got {list(q_lengths)} and {list(k_lengths)}"
+        )
+    pieces = []
+    for q_start, k_start, nq, nk in zip(_starts(q_lengths), _starts(k_lengths), q_lengths, k_lengths):
+        rows, keys = q[None, :, q_start : q_start + nq], k[None, :, k_start : k_start + nk]
+        pieces.append(importance_from_qk(rows, keys, scale)[0])
+    return torch.cat(pieces)
