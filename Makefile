@@ -9,7 +9,7 @@ DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy \
 	pytest hypothesis expecttest transformers matplotlib scikit-image scikit-learn
 SOURCES := $(shell find csrc -type f) CMakeLists.txt $(wildcard cmake/*.cmake) pyproject.toml
 
-.PHONY: demo test bench fuzz sanitize check-cuda install clean
+.PHONY: demo test bench fuzz sanitize check-cuda gpu-check install clean
 
 demo: $(VENV)/.installed
 	$(PY) -m evoprune_ext demo --out demo_out/evoprune_demo.png
@@ -28,6 +28,10 @@ sanitize: $(VENV)/.deps
 
 check-cuda:
 	bash .ci/check-cuda
+
+# On a GPU machine with torch installed (no venv): build in place, tests, compute-sanitizer, bench_gpu.py.
+gpu-check:
+	PYTHON=$(PYTHON) bash .ci/gpu-check
 
 install: $(VENV)/.installed
 

@@ -34,7 +34,7 @@ def extension():
     sources = [s for s in SOURCES if cuda or not s.startswith("csrc/cuda/")]
     defines = [f'-DEVOPRUNE_VERSION="{VERSION}"']
     if cuda:
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         defines += ["-DEVOPRUNE_WITH_CUDA", f'-DEVOPRUNE_CUDA_ARCHS="{archs}"']
         return cpp_extension.CUDAExtension(

@@ -5,7 +5,8 @@
 # file finds the toolkit (CUDA_HOME, CUDA_PATH, /usr/local/cuda, then PATH), hands it to torch's
 # config as CUDA_TOOLKIT_ROOT_DIR, finds libnvrtc (the toolkit's, else the one torch's wheel
 # ships in site-packages/nvidia/*/lib), turns the architectures into TORCH_CUDA_ARCH_LIST
-# (torch ignores CMAKE_CUDA_ARCHITECTURES; default "8.0;9.0") and compiles C++ and CUDA as C++20,
+# (torch ignores CMAKE_CUDA_ARCHITECTURES; default "8.0;9.0+PTX": SASS for A100 and H100, and
+# PTX of sm_90 that the driver compiles for newer GPUs) and compiles C++ and CUDA as C++20,
 # which torch 2.14's headers want and which CMake supports for nvcc from 3.26 on.
 #
 # EVOPRUNE_WERROR=ON (CMake option or environment variable) turns warnings in our own sources
@@ -66,7 +67,7 @@ if(EVOPRUNE_WITH_CUDA)
     if(DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
       set(TORCH_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
     else()
-      set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
+      set(TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX")
     endif()
   endif()
   string(REPLACE " " ";" TORCH_CUDA_ARCH_LIST "${TORCH_CUDA_ARCH_LIST}")

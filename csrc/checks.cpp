@@ -218,4 +218,20 @@ void check_index_slot_values_cpu(const at::Tensor& index, const at::Tensor& slot
   }
 }
 
+void check_merge_values(const at::Tensor& index, const at::Tensor& slot, const at::Tensor& sizes) {
+  // One flag computed where the tensors live, one read of it; the CPU checkers run only on failure,
+  // on copies, so that every backend raises the CPU's message for the first bad entry.
+  const int64_t n = slot.size(1), keep = index.size(1);
+  at::Tensor bad = slot.lt(-1).logical_or_(slot.ge(keep)).any().logical_or_(
+      index.lt(0).logical_or_(index.ge(n)).any());
+  if (index.numel() > 0) {
+    const at::Tensor kept_slot = slot.gather(1, index.clamp(0, n - 1));
+    bad.logical_or_(kept_slot.ne(at::arange(keep, index.options()).unsqueeze(0)).any());
+  }
+  if (sizes.defined()) bad.logical_or_(at::isfinite(sizes).logical_not_().logical_or_(sizes.lt(0)).any());
+  if (!bad.item<bool>()) return;
+  if (sizes.defined()) check_sizes_values_cpu(sizes.cpu());
+  check_index_slot_values_cpu(index.cpu(), slot.cpu());
+}
+
 }  // namespace evoprune

@@ -1,7 +1,8 @@
 // Argument validation shared by the CPU and CUDA entry points (SPEC.md section 5): every
 // invalid argument raises with a message that names it and says what was expected.
 // Shape, dtype and device checks only; value checks that need to read tensor data
-// (sizes, index, slot) are done by each backend's kernels (see check_sizes_values).
+// (sizes, index, slot) are done by each backend's kernels (see check_sizes_values) or by
+// check_merge_values.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -52,5 +53,8 @@ void check_packed_qk(const at::Tensor& q, const at::Tensor& k, double scale, at:
 void check_sizes_values_cpu(const at::Tensor& sizes);
 // Reads index and slot (CPU only): index in [0,N), slot in [-1,K), slot[b, index[b,p]] == p.
 void check_index_slot_values_cpu(const at::Tensor& index, const at::Tensor& slot);
+// Both of the above on any device, with one host synchronization (CUDA merge: docs/CUDA.md);
+// sizes may be undefined (all ones).
+void check_merge_values(const at::Tensor& index, const at::Tensor& slot, const at::Tensor& sizes);
 
 }  // namespace evoprune

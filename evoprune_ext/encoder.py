@@ -180,7 +180,9 @@ class EvoPruneState:
         importance, keys = self._pending
         self._pending = None
         keep = self._keeps[layer]
-        metric = hidden if self.metric == "hidden" else keys
+        # Under autocast the keys come out of a linear in the autocast dtype while the residual stream
+        # stays float32; the ops want the metric in the tokens' dtype.
+        metric = hidden if self.metric == "hidden" else keys.to(hidden.dtype)
         sizes = self.sizes if self.sizes is not None else hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
         out, sizes, slot, *index = self.step(
             hidden, metric, importance, sizes, keep=keep, protect=self.protect, alpha=self.alpha, merge=self.merge

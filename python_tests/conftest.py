@@ -1,11 +1,15 @@
-"""Shared fixtures: the devices every parity test runs on (CUDA only where a GPU exists)."""
+"""Shared fixtures: the devices every parity test runs on (CUDA only where a GPU exists and the
+extension was built with its CUDA kernels; a CPU-only build on a GPU machine skips them)."""
 
 import pytest
 import torch
 
+import evoprune_ext
+
+HAS_CUDA = torch.cuda.is_available() and evoprune_ext.build_info()["cuda"]
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of evoprune_ext")),
 ]
 
 

@@ -5,6 +5,8 @@ Everything here but the registration test needs a GPU and is skipped without one
 and under compute-sanitizer (see docs/CUDA.md) with -k to keep it short.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -229,3 +231,159 @@ def test_prune_is_captured_by_a_cuda_graph():
     eager = torch.ops.evoprune.prune(tokens, attn, sizes=sizes, **args)
     for c, e in zip(captured, eager):
         torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 9: autocast, the shared-memory windows, threads, groups, TF32 flags, devices, merge's errors
+
+
+@needs_gpu
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+def test_ops_under_autocast_match_without(autocast):
+    tokens, attn, sizes = on_cuda(*inputs(2, 197, 32, seed=30))
+    calls = {
+        "prune": lambda: torch.ops.evoprune.prune(tokens, attn, keep=100, sizes=sizes, protect=1),
+        "select": lambda: torch.ops.evoprune.select(tokens, attn.mean((1, 2)), keep=100, protect=1),
+        "importance_from_qk": lambda: torch.ops.evoprune.importance_from_qk(tokens[:, None], tokens[:, None], 0.2),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with torch.autocast("cuda", dtype=autocast):
+            got = call()
+        for e, g in zip(expected if isinstance(expected, tuple) else [expected], got if isinstance(got, tuple) else [got]):
+            assert g.dtype == e.dtype and torch.equal(g, e), name
+
+
+# The dynamic red/owner state is N * (acc bytes + 4); these N put it between 48 KiB less the greedy's static
+# shared memory and 48 KiB, where a launch without the opt-in fails, and around the opt-in.
+SHARED_WINDOWS = [(torch.float64, n) for n in (3889, 3890, 4000, 4096)] + [
+    (torch.float32, n) for n in (5834, 5835, 6000, 6144, 6200)
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,N", SHARED_WINDOWS)
+@pytest.mark.parametrize("keep", [17, 800])  # dot products; the similarity matrix
+def test_select_in_the_shared_memory_windows(dtype, N, keep):
+    metric, _, _ = inputs(1, N, 8, dtype=dtype, seed=N, heads=1, queries=1)
+    got = torch.ops.evoprune.select(metric.cuda(), None, keep=keep, alpha=0.0, protect=1)
+    if dtype == torch.float64:
+        expected = torch.ops.evoprune.select(metric, None, keep=keep, alpha=0.0, protect=1)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g.cpu(), e, rtol=0, atol=0)
+    else:
+        testing.check_valid(*got, keep=keep, protect=1)
+
+
+@needs_gpu
+def test_threads_with_different_n_get_the_sequential_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Sizes on both sides of 48 KiB of state, so that threads would race on the opt-in attribute.
+    cases = [inputs(1, n, 8, dtype=torch.float64, seed=n, heads=1, queries=1)[0].cuda() for n in (500, 4096, 8000)]
+    expected = [torch.ops.evoprune.select(m, None, keep=64, alpha=0.0, protect=1) for m in cases]
+
+    def call(i):
+        return torch.ops.evoprune.select(cases[i % 3], None, keep=64, alpha=0.0, protect=1)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(48)))
+    torch.cuda.synchronize()
+    for i, result in enumerate(results):
+        for e, g in zip(expected[i % 3], result):
+            assert torch.equal(e, g)
+
+
+@needs_gpu
+def test_several_similarity_groups_match_cpu():
+    # float64 at N = 2048: 32 MiB per similarity matrix, 8 per group of the 256 MiB budget; 19 samples: 3 groups.
+    metric, attn, _ = inputs(19, 2048, 8, dtype=torch.float64, seed=31, heads=1, queries=1)
+    importance = reference.importance(attn)
+    args = dict(keep=300, alpha=0.1, protect=1)
+    expected = torch.ops.evoprune.select(metric, importance, **args)
+    got = torch.ops.evoprune.select(*on_cuda(metric, importance), **args)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.cpu(), e, rtol=0, atol=0)
+
+
+@needs_gpu
+def test_similarities_stay_float32_whatever_the_tf32_and_blas_flags():
+    metric, attn, _ = inputs(2, 577, 64, seed=32)
+    importance = reference.importance(attn)
+    args = dict(keep=300, alpha=0.0, protect=1)  # many picks: the similarity matrix; alpha 0: similarity only
+    expected = torch.ops.evoprune.select(*on_cuda(metric, importance), **args)
+    matmul = torch.backends.cuda.matmul
+    previous = (matmul.allow_tf32, torch.get_float32_matmul_precision(), torch.backends.cuda.preferred_blas_library())
+    try:
+        matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("medium")
+        for library in ("cublaslt", "cublas"):
+            torch.backends.cuda.preferred_blas_library(library)
+            got = torch.ops.evoprune.select(*on_cuda(metric, importance), **args)
+            testing.check_selection(metric.cuda(), importance.cuda(), *got, **args)
+            for e, g in zip(expected, got):
+                assert torch.equal(e, g), library
+    finally:
+        matmul.allow_tf32 = previous[0]
+        torch.set_float32_matmul_precision(previous[1])
+        torch.backends.cuda.preferred_blas_library(previous[2])
+
+
+@pytest.mark.skipif(
+    not (HAS_CUDA_BUILD and torch.cuda.is_available() and torch.cuda.device_count() > 1), reason="needs two GPUs"
+)
+def test_ops_on_a_non_default_device():
+    tokens, attn, sizes = inputs(2, 197, 32, dtype=torch.float64, seed=33)
+    args = dict(keep=64, alpha=0.1, protect=1)
+    expected = torch.ops.evoprune.prune(tokens, attn, sizes=sizes, **args)
+    other = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        got = torch.ops.evoprune.prune(tokens.to(other), attn.to(other), sizes=sizes.to(other), **args)
+        assert torch.cuda.current_device() == 0
+    for e, g in zip(expected, got):
+        assert g.device == other
+        torch.testing.assert_close(g.cpu(), e)
+    merged = torch.ops.evoprune.merge(tokens.to(other), got[1], got[3], sizes.to(other))
+    torch.testing.assert_close(merged[0].cpu(), expected[0])
+    imp = torch.ops.evoprune.importance(attn.to(other))
+    torch.testing.assert_close(imp.cpu(), torch.ops.evoprune.importance(attn), rtol=1e-6, atol=1e-9)
+
+
+@needs_gpu
+def test_merge_rejects_bad_values_with_a_clear_error_and_the_gpu_stays_usable():
+    tokens = torch.randn(2, 6, 3, device=CUDA)
+    index = torch.tensor([[0, 1], [0, 1]], device=CUDA)
+    slot = torch.tensor([[0, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], device=CUDA)
+    bad = [
+        (dict(index=torch.tensor([[0, 6], [0, 1]])), "index must be in [0, N) = [0, 6), got index[0, 1] = 6"),
+        (dict(slot=torch.tensor([[0, 1, 2, 0, 0, 0], [0, 1, 0, 0, 0, 0]])), "slot must be in [-1, K) = [-1, 2)"),
+        (dict(slot=torch.tensor([[0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]])), "slot must map each kept token"),
+        (dict(sizes=-torch.ones(2, 6)), "sizes must be >= 0"),
+        (dict(sizes=torch.full((2, 6), float("nan"))), "sizes must be finite"),
+    ]
+    for change, message in bad:
+        args = dict(index=index, slot=slot, sizes=None)
+        args.update({k: v.to(CUDA) for k, v in change.items()})
+        with pytest.raises(ValueError, match=re.escape(message)):
+            torch.ops.evoprune.merge(tokens, args["index"], args["slot"], args["sizes"])
+    out, _ = torch.ops.evoprune.merge(tokens, index, slot)
+    torch.cuda.synchronize()  # a fired device-side assertion would surface here
+    assert out.shape == (2, 2, 3)
+
+
+@needs_gpu
+def test_merge_is_captured_by_a_cuda_graph():
+    tokens, attn, sizes = on_cuda(*inputs(2, 197, 16, seed=34))
+    index, slot = torch.ops.evoprune.select(tokens, attn.mean((1, 2)), keep=50, protect=1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = torch.ops.evoprune.merge(tokens, index, slot, sizes)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.evoprune.merge(tokens, index, slot, sizes)  # no value check: it would synchronize
+    graph.replay()
+    torch.cuda.synchronize()
+    for c, e in zip(captured, eager):
+        assert torch.equal(c, e)

@@ -114,6 +114,19 @@ def test_exact_token_count(family, keep_ratio, layers):
     assert counts[-1] == expected
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_encoder_runs_under_autocast(family):
+    # Under autocast the keys (a linear's output) are bf16 while the residual stream stays float32.
+    model = patch(tower(family), keep_ratio=0.25)
+    expected = run(model, pixels())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(model, pixels())
+    assert got.last_hidden_state.shape == expected.last_hidden_state.shape
+    assert torch.isfinite(got.last_hidden_state).all()
+    # bf16 keys may pick other tokens at near-ties, so the values are not compared; every step ran.
+    assert [step.layer for step in model.evoprune_state.steps] == default_layers(4)
+
+
 def test_token_count_follows_the_input_resolution():
     model = patch(tower("clip"), keep_ratio=0.25)
     x = pixels(size=IMAGE + 2 * PATCH)  # a 9 x 9 grid

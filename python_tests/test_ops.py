@@ -274,6 +274,42 @@ def test_torch_compile_fullgraph():
     assert torch.equal(got[1], want[1])
 
 
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("autocast", AUTOCAST_DTYPES)
+def test_ops_under_autocast_return_what_they_return_without(device, dtype, autocast):
+    # Autocast must not reach the GEMMs and softmax inside the ops (csrc/autocast.cpp): the same selection and
+    # bitwise the same outputs, in the inputs' dtype.
+    tokens, a, metric, sizes = make_case(2, 197, 24, Dm=16, dtype=dtype, device=device, sizes=True, seed=21)
+    importance = ops.importance(a)
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(2, 3, 5, 16, generator=g).to(dtype=dtype, device=device)
+    k = torch.randn(2, 3, 197, 16, generator=g).to(dtype=dtype, device=device)
+    calls = {
+        "prune": lambda: ops.prune(tokens, a, keep=100, metric=metric, sizes=sizes, protect=1),
+        "prune_gather": lambda: ops.prune(tokens, importance, keep=20, protect=1, merge=False),
+        "select": lambda: ops.select(metric, importance, keep=100, protect=1),
+        "select_dot_products": lambda: ops.select(metric, None, keep=5, protect=1),
+        "merge": lambda: ops.merge(tokens, *ops.select(metric, importance, keep=50, protect=1), sizes),
+        "importance": lambda: ops.importance(a),
+        "importance_from_qk": lambda: ops.importance_from_qk(q, k, 0.25),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with torch.autocast(device, dtype=autocast):
+            got = call()
+        for e, o in zip(expected if isinstance(expected, tuple) else [expected],
+                        got if isinstance(got, tuple) else [got]):
+            assert o.dtype == e.dtype and torch.equal(o, e), name
+    # importance_from_qk keeps float32 accuracy: logits in bf16 would be off by ~1e-4.
+    with torch.autocast(device, dtype=autocast):
+        got = ops.importance_from_qk(q.float(), k.float(), 0.25)
+    want = reference.importance_from_qk(q.cpu().double(), k.cpu().double(), 0.25)
+    torch.testing.assert_close(got.cpu().double(), want.double(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_gradcheck(merge):
     tokens, a, metric, sizes = make_case(2, 10, 3, Dm=3, dtype=torch.float64, sizes=True, seed=8)

@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens(const at::Tensor& metric, const
 // Section 4: out [B,K,D] and sizes_out [B,K] float32 from tokens (any strides), sizes (float32
 // [B,N], or undefined for all ones), index [B,K] and slot [B,N]. merge = true: size-weighted
 // merge into the slots; false: gather at index. Out-of-range index/slot values and negative or
-// non-finite sizes stop the kernel with a device-side assertion (reading them would need a sync).
+// non-finite sizes stop the kernel with a device-side assertion (reading them would need a sync;
+// the `merge` op reads them before, see merge.cu).
 std::tuple<at::Tensor, at::Tensor> merge_tokens(const at::Tensor& tokens, const at::Tensor& sizes,
                                                 const at::Tensor& index, const at::Tensor& slot, bool merge);
 

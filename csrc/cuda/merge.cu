@@ -10,15 +10,18 @@
 //    copied bit for bit when math.h's copies_kept_token says so, else sums / group_size.
 // merge = false (prune only): gather_kept, same grid as 2, out[p] = x[index[p]].
 // Values that the CPU checks by reading them (sizes finite and >= 0, slot in [-1, K), index in
-// [0, N), slot[index[p]] == p) are device-side assertions here: checking them on the host would
-// need a synchronization. A failed assertion stops the kernel and surfaces as a CUDA error on the
-// next synchronizing call (docs/CUDA.md); the kernels never read out of bounds even then.
+// [0, N), slot[index[p]] == p): the `merge` op checks them eagerly with one host synchronization
+// (check_merge_values) and raises the CPU's ValueError; while a CUDA graph is being captured, and
+// for the sizes given to `prune` (which stays sync-free), the kernels' device-side assertions are
+// the check. A failed assertion stops the kernel and surfaces as a CUDA error on the next
+// synchronizing call (docs/CUDA.md); the kernels never read out of bounds even then.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -159,6 +162,13 @@ std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& tokens, const at
   check_hidden(tokens, "tokens");
   check_index_slot(tokens, index, slot);
   if (sizes.has_value()) check_sizes(*sizes, tokens);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  // index and slot come from the caller here (prune makes its own): a bad value would fire a
+  // device-side assertion, which leaves the CUDA context unusable, so read them first. A graph
+  // being captured cannot synchronize; its replays rely on the assertions.
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    check_merge_values(index, slot, sizes.has_value() ? *sizes : at::Tensor());
+  }
   return merge_tokens(tokens, sizes.has_value() ? *sizes : at::Tensor(), index, slot, /*merge=*/true);
 }
 
