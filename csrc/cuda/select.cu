@@ -3,11 +3,11 @@
 // 1. unit_vectors: u = m / max(||m||, 1e-6) per token, the squared norm accumulated in float64
 //    (math.h, unit_divisor). Warp per token, lanes stride along Dm (any strides of the metric).
 // 2. Similarities: when the greedy will read at least one column in kColumnsPerGemmColumn and the
-//    N x N matrices of a group of samples fit kSimilarityBudgetBytes, similarity_tiles computes
-//    u u^T per group (our own tiled FMA GEMM: float32 whatever torch's TF32, cuBLASLt and TunableOp
-//    settings, see docs/CUDA.md); otherwise each greedy step computes the dot products of every
-//    token with the pick's unit vector inside the kernel (warp per token, coalesced along Dm).
-//    Same policy as csrc/cpu/select.cpp.
+//    N x N matrices of a group of samples fit kSimilarityBudgetBytes, one at::bmm(u, u^T) per
+//    group (cuBLAS, TF32 off: float32 as on CPU); otherwise each greedy step computes the dot
+//    products of every token with the pick's unit vector inside the kernel (warp per token,
+//    coalesced along Dm). Same policy as csrc/cpu/select.cpp, plus one rule: while the process
+//    allows TF32 for float32 matmuls, the dot products are used (docs/CUDA.md, "TF32").
 // 3. greedy_select: ONE launch runs the whole greedy of every sample of a group: one block of
 //    kGreedyThreads per sample, red/owner in shared memory when N*(sizeof(acc)+4) bytes fit the
 //    device's opt-in limit less the kernel's static shared memory, in a global workspace otherwise. Each step is one pass over the tokens
@@ -16,8 +16,10 @@
 //    picks are then ranked with a block scan to give index (ascending) and slot.
 // No host synchronization: every size is known from the shapes, so the op is graph-capturable.
 // Cost per sample: O(N*Dm) + K' steps of O(N) (matrix) or O(N*Dm) (dot products); docs/CUDA.md.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -50,13 +52,6 @@ constexpr int kUnitWarpsPerBlock = 8;
 constexpr int64_t kSimilarityBudgetBytes = int64_t(256) << 20;
 // The GEMM pays off once the greedy reads at least one similarity column in this many (as on CPU).
 constexpr int64_t kColumnsPerGemmColumn = 16;
-// similarity_tiles: kTile x kTile outputs per block of kTileThreads threads, each thread
-// kTileOutputs x kTileOutputs of them; Dm is read kTileDepth columns at a time.
-constexpr int kTile = 64;
-constexpr int kTileDepth = 16;
-constexpr int kTileOutputs = 4;
-constexpr int kTileSide = kTile / kTileOutputs;  // threads per tile side
-constexpr int kTileThreads = kTileSide * kTileSide;
 // owner[j] values besides the index of the pick that owns j.
 constexpr int32_t kNoOwner = -1;
 constexpr int32_t kPicked = -2;  // after ranking, a pick at output position p holds kPicked - p
@@ -136,53 +131,6 @@ __global__ void __launch_bounds__(kUnitWarpsPerBlock* kWarpSize)
   acc_t* out = unit + token * dm;
   for (int64_t d = lane; d < dm; d += kWarpSize) {
     out[d] = static_cast<acc_t>(static_cast<double>(row[d * sd]) / divisor);
-  }
-}
-
-// similarity[b, i, j] = sum over d of unit[b, i, d] * unit[b, j, d]: u u^T of one group of samples.
-// Grid (samples, ceil(N/64), ceil(N/64)), block 256: each block stages 64 rows i and 64 rows j,
-// 16 columns of Dm at a time, in shared memory (padded by one column against bank conflicts) and
-// each thread accumulates a 4 x 4 patch with fma in ascending d. Why not at::bmm: cuBLAS obeys
-// at::NoTF32Guard, but cuBLASLt and TunableOp follow torch's global flags, and TF32 would round
-// the similarities to about 1e-3 (docs/CUDA.md). The fixed order also makes the matrix bitwise
-// symmetric and the same run to run. Static shared memory: 2 * 16 * 65 values (8.1 KiB in float32).
-template <typename acc_t>
-__global__ void __launch_bounds__(kTileThreads)
-    similarity_tiles(const acc_t* __restrict__ unit, int64_t n, int64_t dm, acc_t* __restrict__ similarity) {
-  __shared__ acc_t rows_i[kTileDepth][kTile + 1];
-  __shared__ acc_t rows_j[kTileDepth][kTile + 1];
-  const int64_t b = blockIdx.x, i0 = int64_t(blockIdx.y) * kTile, j0 = int64_t(blockIdx.z) * kTile;
-  const int tx = threadIdx.x % kTileSide, ty = threadIdx.x / kTileSide;
-  const acc_t* u = unit + b * n * dm;
-  acc_t sum[kTileOutputs][kTileOutputs] = {};
-  for (int64_t d0 = 0; d0 < dm; d0 += kTileDepth) {
-    // Consecutive threads load consecutive d of one token: coalesced when Dm is long enough.
-    for (int e = threadIdx.x; e < kTile * kTileDepth; e += kTileThreads) {
-      const int t = e / kTileDepth, d = e % kTileDepth;
-      const bool in_depth = d0 + d < dm;
-      rows_i[d][t] = in_depth && i0 + t < n ? u[(i0 + t) * dm + d0 + d] : acc_t(0);
-      rows_j[d][t] = in_depth && j0 + t < n ? u[(j0 + t) * dm + d0 + d] : acc_t(0);
-    }
-    __syncthreads();
-    for (int d = 0; d < kTileDepth; ++d) {
-      acc_t a[kTileOutputs], c[kTileOutputs];
-      for (int r = 0; r < kTileOutputs; ++r) {
-        a[r] = rows_i[d][ty + kTileSide * r];
-        c[r] = rows_j[d][tx + kTileSide * r];
-      }
-      for (int r = 0; r < kTileOutputs; ++r) {
-        for (int q = 0; q < kTileOutputs; ++q) sum[r][q] = fma(a[r], c[q], sum[r][q]);
-      }
-    }
-    __syncthreads();  // the next stage overwrites rows_i/rows_j
-  }
-  acc_t* out = similarity + b * n * n;
-  for (int r = 0; r < kTileOutputs; ++r) {
-    const int64_t i = i0 + ty + kTileSide * r;
-    for (int q = 0; q < kTileOutputs; ++q) {
-      const int64_t j = j0 + tx + kTileSide * q;
-      if (i < n && j < n) out[i * n + j] = sum[r][q];
-    }
   }
 }
 
@@ -330,6 +278,11 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_select(const GreedyArgs
 }
 
 bool use_similarity_matrix(int64_t n, int64_t picks, size_t acc_bytes) {
+  // at::NoTF32Guard keeps cuBLAS in float32, but cuBLASLt and TunableOp follow the process-wide
+  // setting: while it allows TF32 (torch.backends.cuda.matmul.allow_tf32, or
+  // set_float32_matmul_precision("high")), a GEMM could round the similarities to about 1e-3, so
+  // the greedy computes its dot products itself. Reading the flag is race-free; writing it is not.
+  if (at::globalContext().allowTF32CuBLAS()) return false;
   // n <= 2^16 first, so that n * n * acc_bytes cannot overflow.
   return picks > 0 && n <= (int64_t(1) << 16) && n * n * int64_t(acc_bytes) <= kSimilarityBudgetBytes &&
          picks * kColumnsPerGemmColumn >= n;
@@ -392,11 +345,9 @@ void select_impl(const at::Tensor& metric, const at::Tensor& importance, int64_t
     const int64_t samples = std::min(group, batch - b0);
     at::Tensor similarity;
     if (matrix) {
-      similarity = at::empty({samples, n, n}, acc_options);
-      const unsigned tiles = static_cast<unsigned>((n + kTile - 1) / kTile);  // n <= 2^16: at most 1024
-      similarity_tiles<acc_t><<<dim3(static_cast<unsigned>(samples), tiles, tiles), kTileThreads, 0, stream>>>(
-          unit.const_data_ptr<acc_t>() + b0 * n * dm, n, dm, similarity.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::NoTF32Guard float32_products;  // cuBLAS; cuBLASLt and TunableOp: see use_similarity_matrix
+      const at::Tensor u = unit.narrow(0, b0, samples);
+      similarity = at::bmm(u, u.transpose(1, 2));
     }
     GreedyArgs<acc_t> args{};
     args.unit = unit.const_data_ptr<acc_t>() + b0 * n * dm;
