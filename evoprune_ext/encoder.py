@@ -162,10 +162,6 @@ class EvoPruneState:
         self.slot = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
         self.index = self.slot
 
-    def kept_patches(self, patches: int) -> int:
-        """Patch tokens left of `patches` (protected tokens aside): what a processor counts placeholders by."""
-        return kept_tokens(patches, self.keep_ratio)
-
     def prunes_at(self, layer: int) -> bool:
         return layer in self._keeps
 
@@ -321,18 +317,13 @@ def patch(
 
     Patching a patched model replaces the first patch. Supported: see `evoprune_ext.adapters.SUPPORTED`.
     """
-    from evoprune_ext.adapters import find_family, find_tower
+    from evoprune_ext.adapters import find_family
 
     unpatch(model)
-    tower, adapter = find_tower(model)
     inner, family = find_family(model)
     if processor is not None and (family is None or not isinstance(processor, family.processor)):
         expected = "no processor" if family is None else f"a {family.processor.__name__}"
         raise TypeError(f"processor: {type(model).__name__} takes {expected}, got {type(processor).__name__}")
-    encoder_layers = tower.encoder.layers
-    layers = default_layers(len(encoder_layers)) if layers is None else sorted({int(layer) for layer in layers})
-    if not layers or not all(0 <= layer < len(encoder_layers) for layer in layers):
-        raise ValueError(f"layers must be a non-empty list of layers in [0, {len(encoder_layers)}), got {layers}")
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
@@ -340,9 +331,43 @@ def patch(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if family is not None:
-        _check_feature_layers(inner.config, layers, len(encoder_layers))
+    layers = None if layers is None else sorted({int(layer) for layer in layers})
 
+    if family is not None and family.patch_tower is not None:
+        options = dict(merge=merge, proportional_attention=proportional_attention, metric=metric, step=step)
+        changed = [name for name, value in options.items() if value != _TOWER_OPTION_DEFAULTS[name]]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: not supported for {family.name}'s tower; leave the default")
+        state = family.patch_tower(inner, keep_ratio=keep_ratio, layers=layers, alpha=alpha)
+        state.processor = processor
+    else:
+        state = _patch_tower(model, inner if family is not None else None, keep_ratio=keep_ratio, layers=layers,
+                             alpha=alpha, merge=merge, proportional_attention=proportional_attention, metric=metric,
+                             step=step, processor=processor)
+    # At keep_ratio 1 nothing is pruned: the family's model and processor keep their own layout and counts.
+    if family is not None and keep_ratio < 1:
+        if family.model_mixin is not None:
+            _swap(inner, family.model_mixin, state)
+        if processor is not None:
+            _swap(processor, family.processor_mixin, state)
+    model.evoprune_state = state
+    return model
+
+
+_TOWER_OPTION_DEFAULTS = dict(merge=True, proportional_attention=True, metric="keys", step=None)
+
+
+def _patch_tower(model, inner, *, keep_ratio, layers, alpha, merge, proportional_attention, metric, step, processor):
+    """Patch the CLIP or SigLIP tower in `model` (`inner`: the multimodal LLM around it, or None); its state."""
+    from evoprune_ext.adapters import find_tower
+
+    tower, adapter = find_tower(model)
+    encoder_layers = tower.encoder.layers
+    layers = default_layers(len(encoder_layers)) if layers is None else layers
+    if not layers or not all(0 <= layer < len(encoder_layers) for layer in layers):
+        raise ValueError(f"layers must be a non-empty list of layers in [0, {len(encoder_layers)}), got {layers}")
+    if inner is not None:
+        _check_feature_layers(inner.config, layers, len(encoder_layers))
     state = EvoPruneState(
         keep_ratio=keep_ratio,
         layers=layers,
@@ -361,15 +386,8 @@ def patch(
     head = getattr(tower, adapter.head, None) if adapter.head else None
     if head is not None:
         _swap(head, adapter.head_mixin, state)
-    # At keep_ratio 1 nothing is pruned: the family's model and processor keep their own layout and counts.
-    if family is not None and keep_ratio < 1:
-        if family.model_mixin is not None:
-            _swap(inner, family.model_mixin, state)
-        if processor is not None:
-            _swap(processor, family.processor_mixin, state)
     tower.evoprune_state = state
-    model.evoprune_state = state
-    return model
+    return state
 
 
 def _check_feature_layers(config, layers: list[int], num_layers: int) -> None:
@@ -387,18 +405,24 @@ def _check_feature_layers(config, layers: list[int], num_layers: int) -> None:
 
 
 def _restore(obj) -> None:
+    """Give `obj` its class back and drop what the patch stored on it (every `_evoprune*` attribute)."""
     obj.__class__ = obj._evoprune_base
-    del obj._evoprune
-    vars(obj).pop("_evoprune_layer", None)
+    for name in [name for name in vars(obj) if name.startswith("_evoprune")]:
+        delattr(obj, name)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch` in place, on the model and the processor it patched (a no-op on a model that is not
     patched); returns `model`."""
+    from evoprune_ext.adapters import find_family
+
     state = vars(model).get("evoprune_state")
-    processor = state.processor if state is not None else None
-    if processor is not None and "_evoprune" in vars(processor):
-        _restore(processor)
+    if state is not None:
+        if state.processor is not None and "_evoprune" in vars(state.processor):
+            _restore(state.processor)
+        inner, family = find_family(model)
+        if family is not None and family.unpatch_tower is not None:
+            family.unpatch_tower(inner)
     for module in model.modules():
         if "_evoprune" in vars(module):
             _restore(module)

@@ -1,6 +1,6 @@
 """Random-weight multimodal LLMs with working processors, built locally (nothing is downloaded): LLaVA-1.5
-(CLIP tower) and LLaVA-OneVision (SigLIP tower), at tiny shapes for tests or at real shapes for the demo and the
-benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video placeholders as
+(CLIP tower), LLaVA-OneVision (SigLIP tower) and Qwen2.5-VL, at tiny shapes for tests or at real shapes for the
+demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video placeholders as
 special tokens; the generated text is meaningless, the token counts and timings are real.
 """
 
@@ -8,6 +8,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
+QWEN_SPECIAL = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 WORDS = "USER ASSISTANT : what is in this image video describe the scene count objects left right how many".split()
 
 # Layer sizes (transformers config arguments). The real ones are those of the published checkpoints.
@@ -15,6 +16,9 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_
 TINY_SIGLIP = TINY_CLIP
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 TINY_TEXT.update(num_key_value_heads=2, vocab_size=64)
+# Qwen2.5-VL: 2-pixel patches, 2 frames per temporal patch, 2x2 merge units, windows of 2x2 units.
+TINY_QWEN_VISION = dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2)
+TINY_QWEN_VISION.update(temporal_patch_size=2, window_size=8, fullatt_block_indexes=[2, 5])
 TINY_IMAGE = 56  # a 7 x 7 grid of 8-pixel patches
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
@@ -25,7 +29,7 @@ QWEN2_0_5B.update(num_key_value_heads=2, vocab_size=151936)
 
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A word-level tokenizer over WORDS, with the placeholders as special tokens (left padding, for generate)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL + QWEN_SPECIAL + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(
@@ -34,7 +38,7 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        additional_special_tokens=["<image>", "<video>"],
+        additional_special_tokens=["<image>", "<video>", *QWEN_SPECIAL],
         padding_side="left",
     )
     return fast
@@ -116,3 +120,32 @@ def _onevision_processor(image, patch_size, pinpoints, words):
         num_image_tokens=(image // patch_size) ** 2,
         vision_feature_select_strategy="full",
     )
+
+
+def qwen2_5_vl(*, attention: str = "sdpa", seed: int = 0):
+    """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor or None) at a tiny shape: a 6-block tower of
+    2-pixel patches (images of 16 to 64 pixels a side give 8 to 32 patches), a 2-layer M-RoPE LM. The processor
+    is None where torchvision does not import (transformers' Qwen2-VL video processor needs it)."""
+    import torch
+
+    words = tokenizer()
+    text = dict(TINY_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    text.update(pad_token_id=words.pad_token_id, eos_token_id=words.eos_token_id)
+    ids = {name: words.convert_tokens_to_ids(token) for name, token in zip(
+        ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), QWEN_SPECIAL)}
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=dict(TINY_QWEN_VISION, out_hidden_size=TINY_TEXT["hidden_size"]), text_config=text, **ids
+    )
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = words.pad_token_id
+    pixels = dict(patch_size=2, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    try:
+        video_processor = transformers.Qwen2VLVideoProcessor(**pixels)
+    except ImportError:
+        return model, None
+    processor = transformers.Qwen2_5_VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessorPil(**pixels), tokenizer=words, video_processor=video_processor
+    )
+    return model, processor

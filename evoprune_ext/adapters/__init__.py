@@ -18,7 +18,8 @@ from torch import nn
 
 SUPPORTED = (
     "transformers' CLIPVisionModel / CLIPVisionTransformer, SiglipVisionModel / SiglipVisionTransformer, "
-    "or a model containing exactly one of them (LLaVA, LLaVA-OneVision, CLIPModel, ...)"
+    "or a model containing exactly one of them (LLaVA, LLaVA-OneVision, CLIPModel, ...); "
+    "Qwen2_5_VLForConditionalGeneration / Qwen2_5_VLModel"
 )
 
 
@@ -40,6 +41,10 @@ class Family:
     processor: type  # the processor class whose placeholders `processor_mixin` recounts
     processor_mixin: type
     model_mixin: type | None = None  # mixed into the inner model where pruned features are packed differently
+    # Towers that evoprune_ext.encoder does not patch itself (Qwen-VL's packed, windowed ones):
+    # patch_tower(inner, keep_ratio=, layers=, alpha=) -> the tower's state; unpatch_tower(inner) undoes it.
+    patch_tower: Callable | None = None
+    unpatch_tower: Callable | None = None
 
 
 def _transformers():
@@ -61,9 +66,9 @@ def _adapters() -> list[Adapter]:
 
 def _families() -> list[Family]:
     _transformers()
-    from evoprune_ext.adapters import llava, llava_onevision
+    from evoprune_ext.adapters import llava, llava_onevision, qwen_vl
 
-    return [llava.FAMILY, llava_onevision.FAMILY]
+    return [llava.FAMILY, llava_onevision.FAMILY, qwen_vl.QWEN2_5_VL]
 
 
 def find_family(model: nn.Module) -> tuple[nn.Module, Family] | tuple[None, None]:

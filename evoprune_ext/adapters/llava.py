@@ -5,6 +5,7 @@ from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.models.llava import modeling_llava, processing_llava
 
 from evoprune_ext.adapters import Family
+from evoprune_ext.encoder import kept_tokens
 
 
 class PrunedLlavaProcessor:
@@ -24,7 +25,7 @@ class PrunedLlavaProcessor:
         return data
 
     def _evoprune_placeholders(self, height: int, width: int) -> int:
-        patches = self._evoprune.kept_patches((height // self.patch_size) * (width // self.patch_size))
+        patches = kept_tokens((height // self.patch_size) * (width // self.patch_size), self._evoprune.keep_ratio)
         return patches + self.num_additional_image_tokens - (self.vision_feature_select_strategy == "default")
 
 

@@ -16,6 +16,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_onevision import modeling_llava_onevision, processing_llava_onevision
 
 from evoprune_ext.adapters import Family
+from evoprune_ext.encoder import kept_tokens
 
 
 class PrunedOnevisionModel:
@@ -69,7 +70,7 @@ class PrunedOnevisionProcessor:
         return data
 
     def _evoprune_tokens_per_crop(self) -> int:
-        return self._evoprune.kept_patches(self.num_image_tokens)
+        return kept_tokens(self.num_image_tokens, self._evoprune.keep_ratio)
 
     def _evoprune_video_tokens(self, frames: int) -> int:
         return frames * self._evoprune_tokens_per_crop() + 1  # + the video's newline

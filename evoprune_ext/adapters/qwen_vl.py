@@ -1,0 +1,137 @@
+"""The language side of a pruned Qwen-VL tower (Qwen2.5-VL): placeholder counts and M-RoPE positions.
+
+The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwen2_5_vl.py`), so:
+- the processor emits `t * round(h/2 * w/2 * keep_ratio)` placeholders per image or video of grid (t, h, w),
+  from the grid alone (static), and its count helper `_get_num_multimodal_tokens` agrees;
+- the model splits the tower's output by the kept counts, and gives each kept unit the M-RoPE position
+  (t, h, w) it had in the full grid: transformers computes the full grid's positions as it always does, and the
+  positions of the units the tower dropped are left out. Text after a visual block continues where the model's
+  own convention says (after the full grid), so the text positions do not depend on what was pruned.
+- `generate()` computes the positions before the tower has chosen its units (transformers'
+  `_prepare_position_ids_for_generation`): the model then runs the tower first and recomputes the visual rows of
+  the positions from the kept units, before the language model sees them.
+"""
+
+import itertools
+import math
+
+import torch
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl, processing_qwen2_5_vl
+
+from evoprune_ext.adapters import Family
+from evoprune_ext.adapters.qwen2_5_vl import patch_qwen2_5_vl_tower, unpatch_qwen2_5_vl_tower
+from evoprune_ext.encoder import kept_tokens
+
+
+class PrunedQwenProcessor:
+    """Mixed into Qwen2_5_VLProcessor: one placeholder per kept merge unit."""
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        grid = image_inputs["image_grid_thw"][image_idx].tolist()
+        return self.image_token * self._evoprune_units(grid, self.image_processor.merge_size)
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        grid = video_inputs["video_grid_thw"][video_idx].tolist()
+        return self.video_token * self._evoprune_units(grid, self.video_processor.merge_size)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
+        data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
+        if image_sizes is not None:  # an image is one frame
+            data.num_image_tokens = [kept_tokens(units, self._evoprune.keep_ratio) for units in data.num_image_tokens]
+        if video_sizes is not None:
+            temporal = self.video_processor.temporal_patch_size
+            frames = [math.ceil(size[0] / temporal) for size in video_sizes]
+            data.num_video_tokens = [t * kept_tokens(n // t, self._evoprune.keep_ratio) for n, t in zip(data.num_video_tokens, frames)]
+        return data
+
+    def _evoprune_units(self, grid: list[int], merge: int) -> int:
+        t, h, w = grid
+        return t * kept_tokens((h // merge) * (w // merge), self._evoprune.keep_ratio)
+
+
+class PrunedQwenModel:
+    """Mixed into Qwen2_5_VLModel: splits the tower's output by the kept counts and places each kept unit at its
+    original M-RoPE position."""
+
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        return self._evoprune_features("image", pixel_values, image_grid_thw, **kwargs)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+        return self._evoprune_features("video", pixel_values_videos, video_grid_thw, **kwargs)
+
+    def _evoprune_features(self, modality: str, pixels, grid_thw, **kwargs):
+        outputs = self.visual(pixels.type(self.visual.dtype), grid_thw=grid_thw, **kwargs)
+        kept = list(self.visual.evoprune_state.kept)
+        self._evoprune_kept[modality] = kept
+        outputs.pooler_output = torch.split(outputs.pooler_output, [len(units) for units in kept])
+        return outputs
+
+    def forward(self, input_ids=None, position_ids=None, **kwargs):
+        self._evoprune_kept = {}  # modality -> the tower's kept units per image / video of this pass
+        visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if position_ids is None or not visual:
+            return super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        # Positions computed before the tower ran (generate): run it, then recompute the visual rows.
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values") is not None:
+            encoded["image"] = self.get_image_features(kwargs.pop("pixel_values"), kwargs.get("image_grid_thw"))
+        if kwargs.get("pixel_values_videos") is not None:
+            encoded["video"] = self.get_video_features(kwargs.pop("pixel_values_videos"), kwargs.get("video_grid_thw"))
+        vision_rows, self.rope_deltas = self.get_rope_index(
+            input_ids,
+            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+            image_grid_thw=kwargs.get("image_grid_thw"),
+            video_grid_thw=kwargs.get("video_grid_thw"),
+            second_per_grid_ts=kwargs.get("second_per_grid_ts"),
+            attention_mask=kwargs.get("attention_mask"),
+        )
+        position_ids = torch.cat([position_ids[:-3], vision_rows.to(position_ids)], dim=0)
+        return super().forward(input_ids=input_ids, position_ids=position_ids, mm_encoder_outputs=encoded, **kwargs)
+
+    def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None, **kwargs):
+        self._evoprune_selections = iter(self._evoprune_visual_groups(input_ids, mm_token_type_ids, attention_mask))
+        try:
+            return super().get_rope_index(
+                input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask, **kwargs,
+            )
+        finally:
+            del self._evoprune_selections
+
+    def get_vision_position_ids(self, start_position, grid_thw, *args, **kwargs):
+        positions = super().get_vision_position_ids(start_position, grid_thw, *args, **kwargs)
+        return positions[:, next(self._evoprune_selections).to(positions.device)]
+
+    def _evoprune_visual_groups(self, input_ids, mm_token_type_ids, attention_mask) -> list[torch.Tensor]:
+        """The units kept of each visual block, in the order get_rope_index meets them (batch rows, then blocks):
+        the tower's kept indices once it has run; before (generate's first position pass), the first units of the
+        block, as placeholders of the right count."""
+        kept = {1: iter(self._evoprune_kept.get("image", [])), 2: iter(self._evoprune_kept.get("video", []))}
+        groups = []
+        for row, types in enumerate(mm_token_type_ids):
+            if attention_mask is not None:
+                types = types[attention_mask[row].bool()]
+            for modality, block in itertools.groupby(types.tolist()):
+                if modality == 0:
+                    continue
+                count = len(list(block))
+                units = next(kept[modality], None)
+                if units is not None and len(units) != count:
+                    raise ValueError(
+                        f"input_ids: a visual block of {count} placeholders, but the tower kept {len(units)} units "
+                        "for it; was the processor patched with the model (evoprune_ext.patch(..., processor=...))?"
+                    )
+                groups.append(torch.arange(count) if units is None else units)
+        return groups
+
+
+QWEN2_5_VL = Family(
+    name="Qwen2.5-VL",
+    model=modeling_qwen2_5_vl.Qwen2_5_VLModel,
+    processor=processing_qwen2_5_vl.Qwen2_5_VLProcessor,
+    processor_mixin=PrunedQwenProcessor,
+    model_mixin=PrunedQwenModel,
+    patch_tower=lambda inner, **options: patch_qwen2_5_vl_tower(inner.visual, **options).evoprune_state,
+    unpatch_tower=lambda inner: unpatch_qwen2_5_vl_tower(inner.visual),
+)
