@@ -100,6 +100,22 @@ def test_pruned_rows_follow_the_kept_units():
     assert not torch.equal(want.pooler_output[rows], want.pooler_output[:16])  # the test would see a wrong order
 
 
+def test_deepstack_features_carry_the_same_merges():
+    # Blocks that add nothing: the hidden states after every layer are the embeddings, pruned and merged by the
+    # steps so far. So if a deepstack layer's hidden states go through exactly the later steps' selection and merge
+    # (two steps for layer 0, one for layer 2, none for layer 5), each deepstack feature is its merger applied to
+    # the final hidden states. Random units: dropped units merge into different ones, with sizes above 1.
+    tower, pixels = make_tower(dtype=torch.float64)
+    for block in tower.blocks:
+        for layer in (block.attn.proj, block.mlp.linear_fc2):
+            torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
+    patch_qwen3_vl_tower(tower, keep_ratio=0.25, layers=[1, 3])
+    with torch.no_grad():
+        out = tower(pixels.double(), grid_thw=GRID)
+        for merger, feature in zip(tower.deepstack_merger_list, out.deepstack_features, strict=True):
+            assert torch.equal(feature, merger(out.last_hidden_state))
+
+
 def test_patch_arguments_and_unpatch():
     tower, pixels = make_tower()
     with torch.no_grad():
