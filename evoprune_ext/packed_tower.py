@@ -70,7 +70,9 @@ class Units:
         """The units at positions `index` (ascending within each frame), with their new sizes."""
         tokens = (index[:, None] * UNIT + torch.arange(UNIT, device=index.device)).flatten()
         cos, sin = self.position_embeddings
-        return replace(self, ids=self.ids[index], frames=frames, sizes=sizes, position_embeddings=(cos[tokens], sin[tokens]))
+        return replace(
+            self, ids=self.ids[index], frames=frames, sizes=sizes, position_embeddings=(cos[tokens], sin[tokens])
+        )
 
 
 def frame_units(grid: list[list[int]]) -> list[int]:
