@@ -1,0 +1,159 @@
+"""EvoPrune inside a packed vision tower: the plumbing Qwen-VL-style towers share (Qwen2.5-VL, Qwen3-VL).
+
+Such a tower has no batch: every image and video frame of a request is packed into one sequence of patch tokens,
+full attention runs per frame (`cu_seqlens`), rotary embeddings give each token its (h, w) position, and a merger
+fuses each 2x2 unit of 4 consecutive tokens into one feature. So pruning here
+- keeps whole units: a unit is one row of its 4 tokens' features, `[units, UNIT * D]`, and a dropped unit merges
+  element-wise into the kept unit most similar to it (`torch.ops.evoprune.prune_packed`, one sequence per frame);
+- keeps `round(units * keep_ratio)` units of every frame, a static count reached step by step
+  (`encoder.schedule_keeps`); unit sizes carry from step to step (hierarchical merging), attention is not made
+  size-aware;
+- measures a unit by its 4 tokens: metric, the mean of their keys averaged over heads, taken before the rotary
+  embedding so that it compares content, not position (each kept unit keeps its own position anyway);
+  importance, the attention its 4 tokens receive within their frame (`importance_from_qk_packed` on the rotated
+  queries and keys the attention used), summed;
+- tracks each unit left by its global raster id over (t, h/2, w/2), grid_thw row after row: the state's `kept`.
+
+An adapter (`adapters/qwen2_5_vl.py`, `adapters/qwen3_vl.py`) writes its tower's forward with these pieces and
+says only what differs: window attention and window order (2.5), learned positions and deepstack mergers (3).
+"""
+
+from dataclasses import dataclass, field, replace
+from types import MethodType
+
+import torch
+from torch import Tensor, nn
+
+from evoprune_ext.defaults import DEFAULT_ALPHA
+from evoprune_ext.encoder import default_layers, schedule_keeps
+
+__all__ = ["MERGE", "UNIT", "QwenPruneState", "Units", "attention_then_prune", "frame_units", "kept_units",
+           "patch_tower", "unpatch_tower"]
+
+MERGE = 2  # the merger fuses MERGE x MERGE patches (spatial_merge_size)
+UNIT = MERGE * MERGE  # tokens per merge unit
+
+
+@dataclass
+class QwenPruneState:
+    """The configuration of a patched tower (`visual.evoprune_state`) and what its last forward pass kept:
+    `kept[i]` holds the raster indices (over t, h/2, w/2) of the units kept of grid_thw row i, ascending."""
+
+    keep_ratio: float
+    layers: list[int]
+    alpha: float
+    kept: list[Tensor] = field(default_factory=list)
+
+    def keeps(self, frames: list[int]) -> dict[int, list[int]]:
+        """{layer: units each frame keeps after that layer's step}; the last step lands on round(units * keep_ratio)."""
+        if any(round(n * self.keep_ratio) < 1 for n in frames):
+            raise ValueError(f"keep_ratio={self.keep_ratio} keeps no unit of a frame of {min(frames)} units")
+        per_frame = [schedule_keeps(n, 0, self.keep_ratio, len(self.layers)) for n in frames]
+        return {layer: list(step) for layer, step in zip(self.layers, zip(*per_frame))}
+
+
+@dataclass
+class Units:
+    """The units left, in the tower's token order, and what its attention needs to know about them."""
+
+    ids: Tensor  # [U] global raster id of each unit
+    frames: list[int]  # units per frame, frames in order
+    sizes: Tensor  # [U] float32: how many original units each unit stands for
+    position_embeddings: tuple[Tensor, Tensor]  # rotary cos, sin [UNIT * U, head_dim]
+
+    def cu_seqlens(self) -> Tensor:
+        """Full-attention segments: one per frame, in tokens."""
+        counts = torch.tensor(self.frames, dtype=torch.int32, device=self.ids.device) * UNIT
+        return nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def select(self, index: Tensor, sizes: Tensor, frames: list[int]) -> "Units":
+        """The units at positions `index` (ascending within each frame), with their new sizes."""
+        tokens = (index[:, None] * UNIT + torch.arange(UNIT, device=index.device)).flatten()
+        cos, sin = self.position_embeddings
+        return replace(
+            self, ids=self.ids[index], frames=frames, sizes=sizes, position_embeddings=(cos[tokens], sin[tokens])
+        )
+
+
+def frame_units(grid: list[list[int]]) -> list[int]:
+    """Units of each frame, frames in order, of the grid_thw rows `grid`."""
+    return [(h // MERGE) * (w // MERGE) for t, h, w in grid for _ in range(t)]
+
+
+def attention_then_prune(
+    block: nn.Module,
+    hidden: Tensor,
+    units: Units,
+    keep: list[int],
+    alpha: float,
+    apply_rotary,
+    carried: list[Tensor],
+    **attention_kwargs,
+) -> tuple[Tensor, Units, list[Tensor]]:
+    """One tower block (norm1, attn with qkv, norm2, mlp) with a pruning step between its attention and its MLP,
+    each frame keeping `keep[frame]` units. `apply_rotary(q, k, cos, sin)` is the family's rotary embedding.
+    `carried`: earlier hidden states of the same units (Qwen3-VL's deepstack inputs), which undergo the same
+    selection and merge. Returns (hidden, the units left, carried)."""
+    captured = []
+    hook = block.attn.qkv.register_forward_hook(lambda module, args, output: captured.append(output.detach()))
+    try:
+        hidden = hidden + block.attn(
+            block.norm1(hidden), position_embeddings=units.position_embeddings, **attention_kwargs
+        )
+    finally:
+        hook.remove()
+    tokens, dim = hidden.shape
+    queries, keys, _ = captured[0].reshape(tokens, 3, block.attn.num_heads, -1).unbind(1)  # [tokens, H, d]
+    metric = keys.float().mean(1).view(-1, UNIT, keys.shape[-1]).mean(1).to(hidden.dtype)
+    # Importance from the logits the attention computed: rotated queries and keys.
+    queries, keys = apply_rotary(queries, keys, *units.position_embeddings)
+    frame_tokens = [n * UNIT for n in units.frames]
+    importance = torch.ops.evoprune.importance_from_qk_packed(
+        queries.transpose(0, 1), keys.transpose(0, 1), block.attn.scaling, q_lengths=frame_tokens,
+        k_lengths=frame_tokens,
+    )
+    out, index, sizes, slot = torch.ops.evoprune.prune_packed(
+        hidden.reshape(-1, UNIT * dim), importance.view(-1, UNIT).sum(1), lengths=units.frames, keep=keep,
+        metric=metric, sizes=units.sizes, alpha=alpha,
+    )
+    # The packed slot never crosses frames, so the whole packed sequence merges as one batched sample.
+    carried = [
+        torch.ops.evoprune.merge(rows.reshape(1, -1, UNIT * dim), index[None], slot[None], units.sizes[None])[0]
+        .view(-1, dim)
+        for rows in carried
+    ]
+    hidden = out.view(-1, dim)
+    return hidden + block.mlp(block.norm2(hidden)), units.select(index, sizes, keep), carried
+
+
+def kept_units(units: Units, grid: list[list[int]]) -> list[Tensor]:
+    """The raster ids of the units left, one ascending LongTensor per grid_thw row, local to that row."""
+    starts = [sum(t for t, _, _ in grid[:i]) for i in range(len(grid))]  # first frame of each row
+    per_row = units.ids.sort().values.split([sum(units.frames[s : s + t]) for s, (t, _, _) in zip(starts, grid)])
+    row_units = [t * (h // MERGE) * (w // MERGE) for t, h, w in grid]
+    return [ids - sum(row_units[:i]) for i, ids in enumerate(per_row)]
+
+
+def patch_tower(
+    visual: nn.Module, tower: type, forward, *, keep_ratio: float, layers: list[int] | None, alpha: float | None
+) -> nn.Module:
+    """Check the arguments, hang a `QwenPruneState` on `visual` (a `tower`) and make `forward` its forward."""
+    if not isinstance(visual, tower):
+        raise TypeError(f"visual must be a {tower.__name__}, got {type(visual).__name__}")
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if visual.spatial_merge_size != MERGE:
+        raise ValueError(f"the tower must merge 2x2 patches, got spatial_merge_size={visual.spatial_merge_size}")
+    depth = len(visual.blocks)
+    layers = default_layers(depth) if layers is None else sorted(set(layers))
+    if not layers or any(not 0 <= layer < depth for layer in layers):
+        raise ValueError(f"layers must name at least one layer, each in [0, {depth}), got {layers}")
+    visual.evoprune_state = QwenPruneState(keep_ratio, layers, DEFAULT_ALPHA if alpha is None else alpha)
+    visual.forward = MethodType(forward, visual)
+    return visual
+
+
+def unpatch_tower(visual: nn.Module) -> None:
+    """Undo patch_tower."""
+    del visual.forward
+    del visual.evoprune_state
