@@ -43,6 +43,7 @@ class QwenPruneState:
     layers: list[int]
     alpha: float
     kept: list[Tensor] = field(default_factory=list)
+    processor: object | None = None  # the processor `evoprune_ext.patch` recounted, restored by `unpatch`
 
     def keeps(self, frames: list[int]) -> dict[int, list[int]]:
         """{layer: units each frame keeps after that layer's step}; the last step lands on round(units * keep_ratio)."""

@@ -49,6 +49,9 @@ class PrunedQwenProcessor:
         return t * kept_tokens((h // merge) * (w // merge), self._evoprune.keep_ratio)
 
 
+VISUAL_TYPES = {1: "image", 2: "video"}  # mm_token_type_ids values
+
+
 class PrunedQwenModel:
     """Mixed into Qwen2_5_VLModel: splits the tower's output by the kept counts and places each kept unit at its
     original M-RoPE position."""
@@ -62,30 +65,41 @@ class PrunedQwenModel:
     def _evoprune_features(self, modality: str, pixels, grid_thw, **kwargs):
         outputs = self.visual(pixels.type(self.visual.dtype), grid_thw=grid_thw, **kwargs)
         kept = list(self.visual.evoprune_state.kept)
-        self._evoprune_kept[modality] = kept
+        # modality -> (grid_thw, kept units per image / video), until the forward pass that uses them ends
+        # (generate() encodes before its forward pass, and does not pass the grids to it).
+        records = vars(self).setdefault("_evoprune_kept", {})
+        records[modality] = (grid_thw, kept)
+        # The model's record: images, then videos (the order the model runs the tower in), each in input order.
+        self._evoprune.kept = [units for name in VISUAL_TYPES.values() if name in records for units in records[name][1]]
         outputs.pooler_output = torch.split(outputs.pooler_output, [len(units) for units in kept])
         return outputs
 
     def forward(self, input_ids=None, position_ids=None, **kwargs):
-        self._evoprune_kept = {}  # modality -> the tower's kept units per image / video of this pass
-        visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-        if position_ids is None or not visual:
-            return super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
-        # Positions computed before the tower ran (generate): run it, then recompute the visual rows.
-        encoded = kwargs.get("mm_encoder_outputs") or {}
+        try:
+            return self._evoprune_forward(input_ids, position_ids, **kwargs)
+        finally:
+            # A later pass that positions its tokens before its tower runs must not see these.
+            vars(self).pop("_evoprune_kept", None)
+
+    def _evoprune_forward(self, input_ids, position_ids, **kwargs):
+        encoded = dict(kwargs.pop("mm_encoder_outputs", None) or {})
         if kwargs.get("pixel_values") is not None:
             encoded["image"] = self.get_image_features(kwargs.pop("pixel_values"), kwargs.get("image_grid_thw"))
         if kwargs.get("pixel_values_videos") is not None:
             encoded["video"] = self.get_video_features(kwargs.pop("pixel_values_videos"), kwargs.get("video_grid_thw"))
-        vision_rows, self.rope_deltas = self.get_rope_index(
-            input_ids,
-            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
-            image_grid_thw=kwargs.get("image_grid_thw"),
-            video_grid_thw=kwargs.get("video_grid_thw"),
-            second_per_grid_ts=kwargs.get("second_per_grid_ts"),
-            attention_mask=kwargs.get("attention_mask"),
-        )
-        position_ids = torch.cat([position_ids[:-3], vision_rows.to(position_ids)], dim=0)
+        if position_ids is not None and encoded:
+            # generate() computes positions before the tower runs (placeholders, see _evoprune_visual_groups):
+            # now that it has, the visual rows are recomputed from the kept units.
+            grids = {modality: grid for modality, (grid, _) in vars(self).get("_evoprune_kept", {}).items()}
+            vision_rows, self.rope_deltas = self.get_rope_index(
+                input_ids,
+                mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                image_grid_thw=grids.get("image", kwargs.get("image_grid_thw")),
+                video_grid_thw=grids.get("video", kwargs.get("video_grid_thw")),
+                second_per_grid_ts=kwargs.get("second_per_grid_ts"),
+                attention_mask=kwargs.get("attention_mask"),
+            )
+            position_ids = torch.cat([position_ids[:-3], vision_rows.to(position_ids)], dim=0)
         return super().forward(input_ids=input_ids, position_ids=position_ids, mm_encoder_outputs=encoded, **kwargs)
 
     def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
@@ -107,7 +121,8 @@ class PrunedQwenModel:
         """The units kept of each visual block, in the order get_rope_index meets them (batch rows, then blocks):
         the tower's kept indices once it has run; before (generate's first position pass), the first units of the
         block, as placeholders of the right count."""
-        kept = {1: iter(self._evoprune_kept.get("image", [])), 2: iter(self._evoprune_kept.get("video", []))}
+        found = vars(self).get("_evoprune_kept", {})
+        kept = {code: iter(found[modality][1] if modality in found else []) for code, modality in VISUAL_TYPES.items()}
         groups = []
         for row, types in enumerate(mm_token_type_ids):
             if attention_mask is not None:

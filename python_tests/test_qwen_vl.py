@@ -1,0 +1,193 @@
+"""Qwen2.5-VL end to end on a tiny random model (no downloads): the patched processor emits one placeholder per
+kept merge unit, each kept unit keeps its original M-RoPE position, and keep_ratio=1 gives the unpatched tokens."""
+
+import numpy
+import pytest
+import torch
+
+import evoprune_ext
+
+pytest.importorskip("transformers")
+from evoprune_ext import random_models  # noqa: E402
+
+NEW_TOKENS = 4
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def image(height, width, seed=0):
+    from PIL import Image
+
+    return Image.fromarray(numpy.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=numpy.uint8))
+
+
+def video(frames, seed=0):
+    return numpy.random.default_rng(seed).integers(0, 256, (frames, 32, 32, 3), dtype=numpy.uint8)
+
+
+# Grids in patches (t, h, w) that the tiny processor makes of these inputs, and their units per frame.
+REQUESTS = {
+    "images": dict(images=[image(40, 56), image(24, 24, seed=1)],
+                   text=[f"USER : {IMAGE} what is in this image ASSISTANT :", f"USER : {IMAGE} describe ASSISTANT :"]),
+    "video": dict(videos=[video(4)], text=[f"USER : {VIDEO} describe the scene ASSISTANT :"]),
+    "images and video in one prompt": dict(
+        images=[image(40, 56), image(24, 32, seed=1)], videos=[video(4, seed=2)],
+        text=[f"USER : {IMAGE} {VIDEO} left {IMAGE} right ASSISTANT :"],
+    ),
+}
+
+
+def model_and_processor(**kwargs):
+    model, processor = random_models.qwen2_5_vl(**kwargs)
+    if processor is None:
+        pytest.skip("Qwen2_5_VLProcessor needs torchvision (make check-cuda has it)")
+    return model, processor
+
+
+def generate(model, processor, request, positions=None):
+    batch = processor(**request, return_tensors="pt", padding=True)
+
+    def record(module, args, kwargs):
+        if positions is not None and not positions:
+            positions.append(kwargs["position_ids"])
+
+    hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    finally:
+        hook.remove()
+    return batch, out
+
+
+def units(grid):
+    t, h, w = grid
+    return t, (h // 2) * (w // 2)
+
+
+@pytest.mark.parametrize("kind", list(REQUESTS))
+@pytest.mark.parametrize("attention,dtype", [("sdpa", torch.float32), ("eager", torch.float32),
+                                             ("sdpa", torch.bfloat16)])
+def test_keep_ratio_one_generates_the_unpatched_tokens(kind, attention, dtype):
+    model, processor = model_and_processor(attention=attention)
+    model.to(dtype)
+    expected_batch, expected = generate(model, processor, REQUESTS[kind])
+    evoprune_ext.patch(model, keep_ratio=1.0, processor=processor)
+    batch, got = generate(model, processor, REQUESTS[kind])
+    assert torch.equal(batch["input_ids"], expected_batch["input_ids"])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", list(REQUESTS))
+@pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
+def test_placeholders_positions_and_kept_units(kind, keep_ratio):
+    model, processor = model_and_processor()
+    full_positions, pruned_positions = [], []
+    full, _ = generate(model, processor, REQUESTS[kind], full_positions)
+    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
+    batch, out = generate(model, processor, REQUESTS[kind], pruned_positions)
+    assert out.shape[1] == batch["input_ids"].shape[1] + NEW_TOKENS
+    assert batch["input_ids"].shape[1] < full["input_ids"].shape[1]
+
+    grids = [*batch.get("image_grid_thw", []), *batch.get("video_grid_thw", [])]
+    kept = model.evoprune_state.kept  # images, then videos, each in input order
+    assert len(kept) == len(grids)
+    for ids, grid in zip(kept, grids):
+        frames, per_frame = units(grid.tolist())
+        assert len(ids) == frames * round(per_frame * keep_ratio)
+        assert (ids[1:] > ids[:-1]).all() and 0 <= ids.min() and ids.max() < frames * per_frame
+
+    # Placeholders: exactly the kept counts, as the count helper says from the sizes alone.
+    image_ids, video_ids = processor.image_token_id, processor.video_token_id
+    counts = [len(ids) for ids in kept]
+    n_images = len(batch.get("image_grid_thw", []))
+    assert int((batch["input_ids"] == image_ids).sum()) == sum(counts[:n_images])
+    assert int((batch["input_ids"] == video_ids).sum()) == sum(counts[n_images:])
+    helper = processor._get_num_multimodal_tokens(
+        image_sizes=[[im.height, im.width] for im in REQUESTS[kind].get("images", [])] or None,
+        video_sizes=[[len(v), *v.shape[1:3]] for v in REQUESTS[kind].get("videos", [])] or None,
+    )
+    assert (helper.num_image_tokens or []) + (helper.num_video_tokens or []) == counts
+
+    # M-RoPE: each kept unit sits at its position in the full grid; the text keeps its positions.
+    for row in range(batch["input_ids"].shape[0]):
+        full_ids, pruned_ids = full["input_ids"][row], batch["input_ids"][row]
+        full_rows, pruned_rows = full_positions[0][-3:, row], pruned_positions[0][-3:, row]
+        is_visual = (pruned_ids == image_ids) | (pruned_ids == video_ids)
+        was_visual = (full_ids == image_ids) | (full_ids == video_ids)
+        real = full["attention_mask"][row].bool()
+        assert torch.equal(pruned_rows[:, ~is_visual & batch["attention_mask"][row].bool()],
+                           full_rows[:, ~was_visual & real])
+    # Visual positions, row after row and block after block in token order: the full grid's at the kept units.
+    pruned_visual = pruned_positions[0][-3:][:, (batch["input_ids"] == image_ids) | (batch["input_ids"] == video_ids)]
+    full_visual = full_positions[0][-3:][:, (full["input_ids"] == image_ids) | (full["input_ids"] == video_ids)]
+    gathered, offset = [], 0
+    for k in _blocks_in_order(batch, n_images):
+        gathered.append(full_visual[:, offset + kept[k]])
+        offset += int(grids[k].prod()) // 4
+    assert torch.equal(pruned_visual, torch.cat(gathered, dim=1))
+
+
+def _blocks_in_order(batch, n_images):
+    """The index into `kept` of each visual block, in token order row after row."""
+    image_next, video_next, order = 0, n_images, []
+    for row, types in enumerate(batch["mm_token_type_ids"]):
+        previous = 0
+        for value in types.tolist():
+            if value != previous and value != 0:
+                if value == 1:
+                    order.append(image_next)
+                    image_next += 1
+                else:
+                    order.append(video_next)
+                    video_next += 1
+            previous = value
+    return order
+
+
+def test_unpatch_restores_processor_and_model():
+    model, processor = model_and_processor()
+    request = REQUESTS["images and video in one prompt"]
+    before, expected = generate(model, processor, request)
+    evoprune_ext.patch(model, keep_ratio=0.25, processor=processor)
+    generate(model, processor, request)
+    evoprune_ext.unpatch(model)
+    after, got = generate(model, processor, request)
+    assert torch.equal(after["input_ids"], before["input_ids"]) and torch.equal(got, expected)
+    assert type(model.model).__name__ == "Qwen2_5_VLModel" and "forward" not in vars(model.model.visual)
+
+
+def test_without_processor_hand_made_prompt():
+    """The model side alone (runs without torchvision): a prompt built with the pruned counts generates, and
+    the vision positions are the full grid's at the kept units."""
+    model, _ = random_models.qwen2_5_vl()
+    grid = torch.tensor([[1, 8, 12], [1, 6, 6]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(0))
+    tokens = random_models.tokenizer()
+    image_pad, start, end = (tokens.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>",
+                                                                       "<|vision_end|>"))
+
+    def prompt(counts):
+        ids = [start, *[image_pad] * counts[0], end, start, *[image_pad] * counts[1], end, 30, 31]
+        ids = torch.tensor([ids])
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_pad).int(),
+                    pixel_values=pixels, image_grid_thw=grid)
+
+    with torch.inference_mode():
+        full = model.model.get_rope_index(**{k: v for k, v in prompt([24, 9]).items() if "pixel" not in k})[0]
+    evoprune_ext.patch(model, keep_ratio=0.5)
+    positions = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(kwargs["position_ids"]) if not positions else None,
+        with_kwargs=True,
+    )
+    inputs = prompt([12, round(9 * 0.5)])
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    hook.remove()
+    kept = model.evoprune_state.kept
+    visual = inputs["input_ids"][0] == image_pad
+    full_visual = full[:, 0, torch.tensor([1 + i for i in range(24)] + [27 + i for i in range(9)])]
+    expected = torch.cat([full_visual[:, kept[0]], full_visual[:, 24 + kept[1]]], dim=1)
+    assert torch.equal(positions[0][-3:, 0][:, visual], expected)
+    assert torch.equal(positions[0][-3:, 0][:, -2:], full[:, 0, -2:])  # the text after continues as unpruned
