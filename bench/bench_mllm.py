@@ -4,18 +4,21 @@ Random-weight models at real shapes (evoprune_ext.random_models), float32, SDPA,
 - llava-1.5: CLIP-L/336 tower + a Llama LM with Qwen2-0.5B's sizes, one 336 x 336 image;
 - onevision-0.5b: LLaVA-OneVision-0.5B (SigLIP-so400m/384 + Qwen2-0.5B) on a --frames video. Unpatched, each
   frame's 729 tokens are pooled 2 x 2 to 196; patched, EvoPrune replaces the pooling and keeps
-  round(729 * keep_ratio) per frame (196 / 729 = 0.269 is the unpatched budget).
+  round(729 * keep_ratio) per frame (196 / 729 = 0.269 is the unpatched budget);
+- qwen2.5-vl-image / -video: Qwen2.5-VL-3B's tower (32 blocks, width 1280, windows) + a Qwen2-0.5B-sized M-RoPE
+  LM, on a 448 x 448 image (256 merge units) and a --frames video at 336 x 336 (144 units per 2 frames).
 Per setting: visual tokens into the LM; encoder ms (tower + projector); prefill ms (the LM on the prompt);
 time to first token (`generate(max_new_tokens=1)`) and time for --new-tokens tokens; medians of --repeats runs
 in one process, the settings interleaved run by run. Speedups are over the unpatched model; "ideal" is the FLOP
 count's (tower layers from the pruning schedule, LM prefill with causal attention), "of ideal" their ratio.
 Peers: bench/peers.py steps at EvoPrune's layers and counts ("in encoder"), and VisionZip / DivPrune once at the
-tower's output layer ("after encoder": the whole tower runs unpruned, only the LM saves).
+tower's output layer ("after encoder": the whole tower runs unpruned, only the LM saves). Qwen's packed tower takes
+no custom step: its "after encoder" row is EvoPrune once in the last block, the count vLLM's EVS would keep.
 
 Prompts are built with as many placeholders as the model produces features (the processors' counts are tested
 in python_tests/test_mllm.py), so the benchmark needs no processor.
 
-    python bench/bench_mllm.py                 # both models, keep 1 / 0.5 / 0.25 and peers at 0.25 (minutes)
+    python bench/bench_mllm.py                 # every model, keep 1 / 0.5 / 0.25 and peers at 0.25 (long)
     python bench/bench_mllm.py --quick         # seconds: tiny models, for the tests
 """
 
@@ -33,42 +36,70 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encoder import encoder_flops, tokens_per_layer  # noqa: E402
 from peers import PEERS  # noqa: E402
 
-MODELS = ("llava-1.5", "onevision-0.5b")
+# name -> (random_models builder, visual input); the Qwen tower runs at Qwen2.5-VL-3B's size with a 0.5B LM.
+MODELS = {
+    "llava-1.5": ("llava", "image"),
+    "onevision-0.5b": ("llava_onevision", "video"),
+    "qwen2.5-vl-image": ("qwen2_5_vl", "image"),
+    "qwen2.5-vl-video": ("qwen2_5_vl", "video"),
+}
 IN_ENCODER_PEERS = ("tome", "divprune", "visionzip", "topk")
 AFTER_ENCODER_PEERS = ("visionzip", "divprune")
 PROMPT_TOKENS = 24  # text around the visual tokens
+QWEN_SIDES = {"image": 448, "video": 336}  # pixels a side; the tiny model (2-pixel patches) takes 1/7 of them
 
 
 def build(name: str, quick: bool):
     from evoprune_ext import random_models
 
-    builder = random_models.llava if name == "llava-1.5" else random_models.llava_onevision
-    model, _ = builder(tiny=quick)
+    model, _ = getattr(random_models, MODELS[name][0])(tiny=quick)
     return model
+
+
+def is_qwen(name: str) -> bool:
+    return MODELS[name][0] == "qwen2_5_vl"
 
 
 def visual_inputs(model, name: str, frames: int) -> dict:
     vision = model.config.vision_config
+    kind = MODELS[name][1]
+    if is_qwen(name):
+        # Flattened patches, as the Qwen processor makes them: [t * h * w, 3 * 2 * patch * patch].
+        side = QWEN_SIDES[kind] * vision.patch_size // 14 // vision.patch_size
+        grid = torch.tensor([[1 if kind == "image" else frames // 2, side, side]])
+        pixels = torch.randn(int(grid.prod()), 3 * 2 * vision.patch_size ** 2)
+        if kind == "image":
+            return dict(pixel_values=pixels, image_grid_thw=grid)
+        return dict(pixel_values_videos=pixels, video_grid_thw=grid)
     size = vision.image_size
-    if name == "llava-1.5":
+    if kind == "image":
         return dict(pixel_values=torch.randn(1, 3, size, size))
     return dict(pixel_values_videos=torch.randn(1, frames, 3, size, size))
 
 
 def features(model, inputs: dict) -> torch.Tensor:
     """[tokens, D]: what the LM receives in place of the placeholders."""
+    grid = {k: v for k, v in inputs.items() if k.endswith("grid_thw")}
     if "pixel_values" in inputs:
-        return torch.cat(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
-    return model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
+        return torch.cat(list(model.model.get_image_features(inputs["pixel_values"], **grid).pooler_output))
+    return torch.cat(list(model.model.get_video_features(inputs["pixel_values_videos"], **grid).pooler_output))
 
 
 def prompt(model, inputs: dict, visual_tokens: int) -> dict:
-    """input_ids: PROMPT_TOKENS / 2 text tokens, the placeholders, PROMPT_TOKENS / 2 text tokens."""
+    """input_ids: PROMPT_TOKENS / 2 text tokens, the placeholders (between Qwen's vision start and end tokens),
+    PROMPT_TOKENS / 2 text tokens."""
     config = model.config
-    placeholder = config.image_token_id if "pixel_values" in inputs else config.video_token_id
-    text = torch.randint(10, 40, (PROMPT_TOKENS,))
-    ids = torch.cat([text[: PROMPT_TOKENS // 2], torch.full((visual_tokens,), placeholder), text[PROMPT_TOKENS // 2:]])
-    return dict(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long), **inputs)
+    image = "pixel_values" in inputs
+    placeholder = config.image_token_id if image else config.video_token_id
+    text = torch.randint(30, 40, (PROMPT_TOKENS,))
+    visual = torch.full((visual_tokens,), placeholder)
+    qwen = hasattr(config, "vision_start_token_id")
+    if qwen:
+        visual = torch.cat([torch.tensor([config.vision_start_token_id]), visual,
+                            torch.tensor([config.vision_end_token_id])])
+    ids = torch.cat([text[: PROMPT_TOKENS // 2], visual, text[PROMPT_TOKENS // 2:]])[None]
+    extra = dict(mm_token_type_ids=(ids == placeholder).int() * (1 if image else 2)) if qwen else {}
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **extra, **inputs)
 
 
 def lm_prefill_flops(text_config, tokens: int) -> float:
@@ -78,30 +109,72 @@ def lm_prefill_flops(text_config, tokens: int) -> float:
     return layers * (tokens * per_token + 2 * tokens * tokens * d)  # causal q.k and attention x v
 
 
-def setting_flops(model, name: str, frames: int, schedule: list[tuple[int, int]], visual_tokens: int) -> float:
+def setting_flops(model, name: str, frames: int, steps: list[tuple[int, int]], visual_tokens: int) -> float:
+    """FLOPs of the tower (pruning `steps`: (layer, tokens per crop, or units per frame, after it)) and of the LM
+    prefill."""
     vision = model.config.vision_config
+    lm = lm_prefill_flops(model.config.text_config, visual_tokens + PROMPT_TOKENS)
+    if is_qwen(name):
+        return qwen_tower_flops(vision, visual_inputs(model, name, frames), steps) + lm
     config = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
                   image_size=vision.image_size, patch_size=vision.patch_size)
     family = "clip" if name == "llava-1.5" else "siglip"
+    tokens_in = (vision.image_size // vision.patch_size) ** 2 + (family == "clip")
+    schedule = tokens_per_layer(vision.num_hidden_layers, tokens_in, [s[0] for s in steps], [s[1] for s in steps])
     crops = 1 if name == "llava-1.5" else frames
     per_crop = encoder_flops(config, family, schedule) - (4 * schedule[-1][1] * vision.hidden_size ** 2
                                                           if family == "siglip" else 0)  # no pooling head here
-    return crops * per_crop + lm_prefill_flops(model.config.text_config, visual_tokens + PROMPT_TOKENS)
+    return crops * per_crop + lm
 
 
-def settings(model, name: str, ratios, peers_at: float | None):
+def qwen_tower_flops(vision, inputs: dict, steps: list[tuple[int, int]]) -> float:
+    """Qwen2.5-VL tower FLOPs per frame: fused qkv and output projections, attention within the frame (full
+    blocks) or within windows of 8 x 8 patches (thinned in proportion once pruned: an approximation), the SwiGLU
+    MLP on the tokens left after the step, and the 2x2 merger."""
+    d, inner = vision.hidden_size, vision.intermediate_size
+    t, h, w = next(v for k, v in inputs.items() if k.endswith("grid_thw"))[0].tolist()
+    tokens = h * w
+    window = min(tokens, (vision.window_size // vision.patch_size) ** 2)
+    after = {layer: 4 * units for layer, units in steps}
+    flops = 2 * tokens * 3 * 2 * vision.patch_size ** 2 * d  # patch embedding
+    for layer in range(vision.depth):
+        segment = tokens if layer in vision.fullatt_block_indexes else window * tokens / (h * w)
+        out = after.get(layer, tokens)
+        flops += 8 * tokens * d * d + 4 * tokens * segment * d + 6 * out * d * inner
+        tokens = out
+    return t * (flops + tokens / 4 * 2 * (16 * d * d + 4 * d * vision.out_hidden_size))
+
+
+def settings(model, name: str, ratios, peers_at: float | None, peers=IN_ENCODER_PEERS, after=AFTER_ENCODER_PEERS):
     """(label, method, where, keep_ratio, patch kwargs or None for unpatched)."""
-    num_layers = model.config.vision_config.num_hidden_layers
     out = [("unpatched", "unpatched", "-", 1.0, None)]
     out += [(f"evoprune {r:g}", "evoprune", "in encoder", r, dict(keep_ratio=r)) for r in ratios if r < 1]
-    if peers_at is not None:
-        out += [(f"{p} {peers_at:g}", p, "in encoder", peers_at, dict(keep_ratio=peers_at, step=PEERS[p]))
-                for p in IN_ENCODER_PEERS]
-        # The last layer whose output the LM reads (hidden_states[vision_feature_layer]).
-        last = model.config.vision_feature_layer % (num_layers + 1) - 1
-        out += [(f"{p} after {peers_at:g}", p, "after encoder", peers_at,
-                 dict(keep_ratio=peers_at, step=PEERS[p], layers=[last])) for p in AFTER_ENCODER_PEERS]
-    return out
+    if peers_at is None:
+        return out
+    if is_qwen(name):
+        # The packed tower takes no custom step. After the encoder (as vLLM's EVS keeps a count after the
+        # tower): EvoPrune itself, once, in the last block.
+        last = model.config.vision_config.depth - 1
+        return out + [(f"evoprune after {peers_at:g}", "evoprune", "after encoder", peers_at,
+                       dict(keep_ratio=peers_at, layers=[last]))]
+    num_layers = model.config.vision_config.num_hidden_layers
+    out += [(f"{p} {peers_at:g}", p, "in encoder", peers_at, dict(keep_ratio=peers_at, step=PEERS[p]))
+            for p in peers]
+    # The last layer whose output the LM reads (hidden_states[vision_feature_layer]).
+    last = model.config.vision_feature_layer % (num_layers + 1) - 1
+    return out + [(f"{p} after {peers_at:g}", p, "after encoder", peers_at,
+                   dict(keep_ratio=peers_at, step=PEERS[p], layers=[last])) for p in after]
+
+
+def pruning_steps(model, inputs: dict) -> list[tuple[int, int]]:
+    """(layer, tokens per crop, or units per frame, after it) of the patched model's pruning steps."""
+    state = getattr(model, "evoprune_state", None)
+    if state is None:
+        return []
+    if hasattr(state, "steps"):  # CLIP / SigLIP towers record the last pass's steps
+        return [(step.layer, step.sizes.shape[1]) for step in state.steps]
+    _, h, w = next(v for k, v in inputs.items() if k.endswith("grid_thw"))[0].tolist()
+    return [(layer, keeps[0]) for layer, keeps in state.keeps([(h // 2) * (w // 2)]).items()]
 
 
 def timed(fn) -> float:
@@ -110,26 +183,22 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(name: str, *, ratios, peers_at, frames: int, new_tokens: int, repeats: int, quick: bool, log=print):
+def bench_model(name: str, *, ratios, peers_at, peers, after, frames: int, new_tokens: int, repeats: int, quick: bool,
+                log=print):
     import evoprune_ext
 
     model = build(name, quick)
     inputs = visual_inputs(model, name, frames)
     prepared = []
-    for label, method, where, ratio, kwargs in settings(model, name, ratios, peers_at):
+    for label, method, where, ratio, kwargs in settings(model, name, ratios, peers_at, peers, after):
         evoprune_ext.unpatch(model)
         if kwargs is not None:
             evoprune_ext.patch(model, **kwargs)
         with torch.inference_mode():
             visual = features(model, inputs)  # also the warm-up
-        state = getattr(model, "evoprune_state", None)
-        steps = [(s.layer, s.sizes.shape[1]) for s in state.steps] if state is not None else []
-        vision = model.config.vision_config
-        tokens_in = (vision.image_size // vision.patch_size) ** 2 + (name == "llava-1.5")
-        schedule = tokens_per_layer(vision.num_hidden_layers, tokens_in, [s[0] for s in steps], [s[1] for s in steps])
         prepared.append(dict(model=name, label=label, method=method, where=where, ratio=ratio, kwargs=kwargs,
                              visual_tokens=len(visual), prompt=prompt(model, inputs, len(visual)),
-                             flops=setting_flops(model, name, frames, schedule, len(visual))))
+                             flops=setting_flops(model, name, frames, pruning_steps(model, inputs), len(visual))))
     evoprune_ext.unpatch(model)
 
     times = {s["label"]: {"encoder": [], "prefill": [], "ttft": [], "generate": []} for s in prepared}
@@ -181,10 +250,12 @@ def markdown(rows: list[dict], new_tokens: int) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 repeat (seconds), for the tests")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated names of {MODELS}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated names of {list(MODELS)}")
     parser.add_argument("--ratios", default="0.5,0.25", help="keep ratios besides the unpatched model")
     parser.add_argument("--peers-at", type=float, default=0.25, help="keep ratio of the peers (negative: none)")
-    parser.add_argument("--frames", type=int, default=8, help="frames of the OneVision video")
+    parser.add_argument("--peers", default=",".join(IN_ENCODER_PEERS), help="peers run in the encoder")
+    parser.add_argument("--after", default=",".join(AFTER_ENCODER_PEERS), help="peers run after the encoder")
+    parser.add_argument("--frames", type=int, default=8, help="frames of the videos")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -203,8 +274,9 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, ratios=ratios, peers_at=peers_at, frames=args.frames, new_tokens=args.new_tokens,
-                            repeats=args.repeats, quick=args.quick)
+        rows += bench_model(name, ratios=ratios, peers_at=peers_at, peers=[p for p in args.peers.split(",") if p],
+                            after=[p for p in args.after.split(",") if p], frames=args.frames,
+                            new_tokens=args.new_tokens, repeats=args.repeats, quick=args.quick)
     table = markdown(rows, args.new_tokens)
     print()
     print(table)

@@ -25,6 +25,9 @@ SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers
 SIGLIP_SO400M.update(patch_size=14)
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
 QWEN2_0_5B.update(num_key_value_heads=2, vocab_size=151936)
+# Qwen2.5-VL-3B / 7B's tower (depth 32, width 1280, 14-pixel patches, 112-pixel windows).
+QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14)
+QWEN2_5_VL_VISION.update(temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
 
 
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -122,25 +125,32 @@ def _onevision_processor(image, patch_size, pinpoints, words):
     )
 
 
-def qwen2_5_vl(*, attention: str = "sdpa", seed: int = 0):
-    """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor or None) at a tiny shape: a 6-block tower of
-    2-pixel patches (images of 16 to 64 pixels a side give 8 to 32 patches), a 2-layer M-RoPE LM. The processor
-    is None where torchvision does not import (transformers' Qwen2-VL video processor needs it)."""
+def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0):
+    """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor or None). Tiny: a 6-block tower of 2-pixel
+    patches (images of 16 to 64 pixels a side give 8 to 32 patches) and a 2-layer M-RoPE LM; otherwise
+    Qwen2.5-VL-3B's tower and an LM with Qwen2-0.5B's sizes. The processor is None where torchvision does not
+    import (transformers' Qwen2-VL video processor needs it)."""
     import torch
 
     words = tokenizer()
-    text = dict(TINY_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
-    text.update(pad_token_id=words.pad_token_id, eos_token_id=words.eos_token_id)
+    vision = TINY_QWEN_VISION if tiny else QWEN2_5_VL_VISION
+    text = dict(TINY_TEXT if tiny else QWEN2_0_5B)
+    head_pairs = text["hidden_size"] // text["num_attention_heads"] // 2  # M-RoPE splits them over (t, h, w)
+    sections = [head_pairs // 4, 3 * head_pairs // 8, head_pairs - head_pairs // 4 - 3 * head_pairs // 8]
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}
+    text.update(pad_token_id=words.pad_token_id, eos_token_id=words.eos_token_id, bos_token_id=words.bos_token_id)
     ids = {name: words.convert_tokens_to_ids(token) for name, token in zip(
         ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), QWEN_SPECIAL)}
     config = transformers.Qwen2_5_VLConfig(
-        vision_config=dict(TINY_QWEN_VISION, out_hidden_size=TINY_TEXT["hidden_size"]), text_config=text, **ids
+        vision_config=dict(vision, out_hidden_size=text["hidden_size"]), text_config=text, **ids
     )
     config._attn_implementation = attention
     torch.manual_seed(seed)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = words.pad_token_id
-    pixels = dict(patch_size=2, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    patch = vision["patch_size"]
+    pixels = dict(patch_size=patch, temporal_patch_size=2, merge_size=2,
+                  size={"shortest_edge": (8 * patch) ** 2, "longest_edge": (32 * patch) ** 2})
     try:
         video_processor = transformers.Qwen2VLVideoProcessor(**pixels)
     except ImportError:
