@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import evoprune_ext  # noqa: E402
-from bench_encoder import ENCODERS, encoder_flops, tokens_per_layer  # noqa: E402
+from bench_encoder import ENCODERS, build, encoder_flops, tokens_per_layer  # noqa: E402
 from bench_ops import SHAPES, Shape, make_inputs  # noqa: E402
 from evoprune_ext.encoder import default_layers, evoprune_step, schedule_keeps  # noqa: E402
 
@@ -85,18 +85,8 @@ def bench_greedy_steps(repeats: int) -> list[dict]:
 
 
 def build_encoder(name: str):
-    import transformers
-
     family, config = ENCODERS[name]
-    if family == "clip":
-        cfg, cls = transformers.CLIPVisionConfig(**config), transformers.CLIPVisionModel
-    else:
-        cfg, cls = transformers.SiglipVisionConfig(**config), transformers.SiglipVisionModel
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = cls(cfg)
-    return family, config, model.to(torch.bfloat16).eval()
+    return family, config, build(family, config).to("cuda", torch.bfloat16)
 
 
 class EventStep:
