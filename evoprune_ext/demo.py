@@ -225,7 +225,8 @@ def _end_to_end(rgb: torch.Tensor, quick: bool, runs: int, out) -> None:
         f"`model.generate(...)` unchanged; time to first token, median of {runs}:",
         file=out,
     )
-    print(f"  {'keep ratio':>10}  {'visual tokens':>13}  {'prefill tokens':>14}  {'TTFT ms':>8}  {'speedup':>7}", file=out)
+    header = f"  {'keep ratio':>10}  {'visual tokens':>13}  {'prefill tokens':>14}  {'TTFT ms':>8}  {'speedup':>7}"
+    print(header, file=out)
     for ratio, visual, prefill, ms in rows:
         print(f"  {ratio:>10}  {visual:>13}  {prefill:>14}  {ms:>8.1f}  {rows[0][3] / ms:>6.2f}x", file=out)
 

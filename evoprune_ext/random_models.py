@@ -156,6 +156,8 @@ def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0):
     except ImportError:
         return model, None
     processor = transformers.Qwen2_5_VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessorPil(**pixels), tokenizer=words, video_processor=video_processor
+        image_processor=transformers.Qwen2VLImageProcessorPil(**pixels),
+        tokenizer=words,
+        video_processor=video_processor,
     )
     return model, processor

@@ -250,7 +250,8 @@ def test_ops_under_autocast_match_without(autocast):
         expected = call()
         with torch.autocast("cuda", dtype=autocast):
             got = call()
-        for e, g in zip(expected if isinstance(expected, tuple) else [expected], got if isinstance(got, tuple) else [got]):
+        as_tuple = (lambda x: x if isinstance(x, tuple) else (x,))
+        for e, g in zip(as_tuple(expected), as_tuple(got), strict=True):
             assert g.dtype == e.dtype and torch.equal(g, e), name
 
 

@@ -41,7 +41,8 @@ class PrunedQwenProcessor:
         if video_sizes is not None:
             temporal = self.video_processor.temporal_patch_size
             frames = [math.ceil(size[0] / temporal) for size in video_sizes]
-            data.num_video_tokens = [t * kept_tokens(n // t, self._evoprune.keep_ratio) for n, t in zip(data.num_video_tokens, frames)]
+            keep_ratio = self._evoprune.keep_ratio
+            data.num_video_tokens = [t * kept_tokens(n // t, keep_ratio) for n, t in zip(data.num_video_tokens, frames)]
         return data
 
     def _evoprune_units(self, grid: list[int], merge: int) -> int:
