@@ -146,6 +146,9 @@ def onevision_features(model, image_sizes, crops):
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
 def test_onevision_packs_pruned_crops_by_rows_of_the_grid(keep_ratio):
     model, _ = random_models.llava_onevision()
+    frames = torch.randn(2, 3, 3, 56, 56)
+    with torch.inference_mode():
+        pooled = model.model.get_video_features(frames).pooler_output.shape[1]  # 3 x 16 (+ the newline, by version)
     evoprune_ext.patch(model, keep_ratio=keep_ratio)
     k = round(TOKENS_PER_CROP * keep_ratio)
     # 80 x 60 picks the 2 x 2 grid (112 x 112), 50 x 130 the 1 x 2 grid (56 x 112).
@@ -154,8 +157,8 @@ def test_onevision_packs_pruned_crops_by_rows_of_the_grid(keep_ratio):
     newline = model.model.image_newline
     assert torch.equal(features[0][k + 2 * k], newline) and torch.equal(features[0][-1], newline)
     with torch.inference_mode():
-        videos = model.model.get_video_features(torch.randn(2, 3, 3, 56, 56)).pooler_output
-    assert videos.shape[:2] == (2, 3 * k + 1)
+        videos = model.model.get_video_features(frames).pooler_output
+    assert videos.shape[:2] == (2, pooled - 3 * 16 + 3 * k)  # each frame's 16 pooled tokens become k kept ones
 
 
 # ---------------------------------------------------------------------------------------------------------

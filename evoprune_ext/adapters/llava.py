@@ -14,19 +14,22 @@ class PrunedLlavaProcessor:
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
-        return self.image_token * self._evoprune_placeholders(height, width)
+        return self.image_token * self._evoprune_placeholders((height // self.patch_size) * (width // self.patch_size))
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         data = super()._get_num_multimodal_tokens(image_sizes, **kwargs)
         if image_sizes is not None:
-            # Every image is resized to the crop size, whatever its own size.
-            crop = self._merge_kwargs(**kwargs)["images_kwargs"].get("crop_size") or self.image_processor.crop_size
-            data.num_image_tokens = [self._evoprune_placeholders(crop["height"], crop["width"])] * len(image_sizes)
+            extra = self._evoprune_extra_tokens()
+            data.num_image_tokens = [self._evoprune_placeholders(count - extra) for count in data.num_image_tokens]
         return data
 
-    def _evoprune_placeholders(self, height: int, width: int) -> int:
-        patches = kept_tokens((height // self.patch_size) * (width // self.patch_size), self._evoprune.keep_ratio)
-        return patches + self.num_additional_image_tokens - (self.vision_feature_select_strategy == "default")
+    def _evoprune_placeholders(self, patches: int) -> int:
+        return kept_tokens(patches, self._evoprune.keep_ratio) + self._evoprune_extra_tokens()
+
+    def _evoprune_extra_tokens(self) -> int:
+        """Placeholders besides the patches': the tower's additional tokens (CLS), less the one the "default"
+        feature strategy drops."""
+        return self.num_additional_image_tokens - (self.vision_feature_select_strategy == "default")
 
 
 FAMILY = Family(
