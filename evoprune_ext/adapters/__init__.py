@@ -52,9 +52,14 @@ def _transformers():
         import transformers
     except ImportError as error:
         raise ImportError("evoprune_ext.patch needs transformers: pip install evoprune_ext[hf]") from error
-    if int(transformers.__version__.split(".")[0]) < 5:
-        # Older encoder layers return tuples and pick attention classes differently from what encoder.py patches.
-        raise ImportError(f"evoprune_ext.patch needs transformers>=5, found {transformers.__version__}")
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    if not (5, 17) <= (major, minor) < (6, 0):
+        # The families override transformers' processor and model methods (placeholder counts, M-RoPE positions,
+        # feature packing); the tests pass from 5.17 to 5.24. 4.x encoder layers return tuples and pick attention
+        # classes differently from what encoder.py patches.
+        raise ImportError(
+            f"evoprune_ext.patch supports transformers>=5.17,<6 (tested 5.17 to 5.24), found {transformers.__version__}"
+        )
 
 
 def _adapters() -> list[Adapter]:
