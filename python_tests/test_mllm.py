@@ -2,6 +2,8 @@
 patched processor emits exactly as many placeholders as the patched model produces features, `generate` works on
 the user's unchanged code, and keep_ratio=1 gives the unpatched model's tokens exactly."""
 
+import sys
+
 import numpy
 import pytest
 import torch
@@ -228,6 +230,7 @@ def test_onevision_unpatch_restores_the_processor():
 @pytest.mark.parametrize("version", ["4.57.1", "5.16.0", "6.0.0"])
 def test_transformers_outside_the_supported_range_is_named(monkeypatch, version):
     model, processor = random_models.llava()
-    monkeypatch.setattr(transformers, "__version__", version)  # after building: transformers' lazy imports reset it
+    # The module as imported now: transformers' lazy loading may have replaced the one this file imported.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
     with pytest.raises(ImportError, match=rf"supports transformers>=5.17,<6 \(tested 5.17 to 5.24\), found {version}"):
         evoprune_ext.patch(model, keep_ratio=0.5, processor=processor)
