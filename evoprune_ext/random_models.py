@@ -1,7 +1,7 @@
 """Random-weight multimodal LLMs with working processors, built locally (nothing is downloaded): LLaVA-1.5
-(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL, at tiny shapes for tests or at real shapes for the
-demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video placeholders as
-special tokens; the generated text is meaningless, the token counts and timings are real.
+(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL, at tiny shapes for tests or at real shapes
+for the demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video
+placeholders as special tokens; the generated text is meaningless, the token counts and timings are real.
 """
 
 import transformers
@@ -21,7 +21,8 @@ TINY_QWEN_VISION = dict(depth=6, hidden_size=32, intermediate_size=64, num_heads
 TINY_QWEN_VISION.update(temporal_patch_size=2, window_size=8, fullatt_block_indexes=[2, 5])
 # Qwen3-VL: no windows; learned positions on a 4 x 4 grid; deepstack after layer 0 (before every pruning step of
 # the default schedule 1, 2, 3, 4) and after layer 3 (between steps), one for each layer of the tiny LM.
-TINY_QWEN3_VISION = {key: value for key, value in TINY_QWEN_VISION.items() if key not in ("window_size", "fullatt_block_indexes")}
+TINY_QWEN3_VISION = {key: value for key, value in TINY_QWEN_VISION.items()
+                     if key not in ("window_size", "fullatt_block_indexes")}
 TINY_QWEN3_VISION.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 3])
 TINY_IMAGE = 56  # a 7 x 7 grid of 8-pixel patches
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)

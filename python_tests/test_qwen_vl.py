@@ -160,8 +160,9 @@ def test_qwen3_deepstack_features_line_up_with_the_placeholders(kind):
     )
     with torch.inference_mode():
         model(**batch)
+        inputs = {"image": "pixel_values", "video": "pixel_values_videos"}
         towers = {modality: model.model.visual(batch[pixels], grid_thw=batch[f"{modality}_grid_thw"])
-                  for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")) if pixels in batch}
+                  for modality, pixels in inputs.items() if pixels in batch}
     hook.remove()
     ids = batch["input_ids"]
     visual = (ids == processor.image_token_id) | (ids == processor.video_token_id)

@@ -8,7 +8,7 @@ The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwe
   positions of the units the tower dropped are left out. Text after a visual block continues where the model's
   own convention says (after the full grid), so the text positions do not depend on what was pruned.
 - `generate()` computes the positions before the tower has chosen its units (transformers'
-  `_prepare_position_ids_for_generation`): the model then runs the tower first and recomposes the visual rows of
+  `_prepare_position_ids_for_generation`): the model then runs the tower first and recomputes the visual rows of
   the positions from the kept units, before the language model sees them.
 
 What Qwen3-VL changes (`PrunedQwen3Model`): its processor writes each video frame as a block of its own, after a
@@ -69,8 +69,8 @@ VISUAL_TYPES = {1: "image", 2: "video"}  # mm_token_type_ids values
 
 
 class PrunedQwenModel:
-    """Mixed into Qwen2_5_VLModel (subclassed for Qwen3VLModel below): splits the tower's output by the kept counts and places each kept unit at its
-    original M-RoPE position."""
+    """Mixed into Qwen2_5_VLModel (and, through PrunedQwen3Model, Qwen3VLModel): splits the tower's output by the
+    kept counts and places each kept unit at its original M-RoPE position."""
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         return self._evoprune_features("image", pixel_values, image_grid_thw, **kwargs)
