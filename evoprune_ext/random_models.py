@@ -1,7 +1,7 @@
 """Random-weight multimodal LLMs with working processors, built locally (nothing is downloaded): LLaVA-1.5
-(CLIP tower), LLaVA-OneVision (SigLIP tower) and Qwen2.5-VL, at tiny shapes for tests or at real shapes for the
-demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video placeholders as
-special tokens; the generated text is meaningless, the token counts and timings are real.
+(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL, at tiny shapes for tests or at real shapes
+for the demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video
+placeholders as special tokens; the generated text is meaningless, the token counts and timings are real.
 """
 
 import transformers
@@ -19,6 +19,11 @@ TINY_TEXT.update(num_key_value_heads=2, vocab_size=64)
 # Qwen2.5-VL: 2-pixel patches, 2 frames per temporal patch, 2x2 merge units, windows of 2x2 units.
 TINY_QWEN_VISION = dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2)
 TINY_QWEN_VISION.update(temporal_patch_size=2, window_size=8, fullatt_block_indexes=[2, 5])
+# Qwen3-VL: no windows; learned positions on a 4 x 4 grid; deepstack after layer 0 (before every pruning step of
+# the default schedule 1, 2, 3, 4) and after layer 3 (between steps), one for each layer of the tiny LM.
+TINY_QWEN3_VISION = {key: value for key, value in TINY_QWEN_VISION.items()
+                     if key not in ("window_size", "fullatt_block_indexes")}
+TINY_QWEN3_VISION.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 3])
 TINY_IMAGE = 56  # a 7 x 7 grid of 8-pixel patches
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
@@ -130,34 +135,50 @@ def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0):
     patches (images of 16 to 64 pixels a side give 8 to 32 patches) and a 2-layer M-RoPE LM; otherwise
     Qwen2.5-VL-3B's tower and an LM with Qwen2-0.5B's sizes. The processor is None where torchvision does not
     import (transformers' Qwen2-VL video processor needs it)."""
+    vision, text = (TINY_QWEN_VISION, TINY_TEXT) if tiny else (QWEN2_5_VL_VISION, QWEN2_0_5B)
+    model, words = _qwen_vl(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+                            vision, text, attention=attention, seed=seed)
+    return model, _qwen_vl_processor(transformers.Qwen2_5_VLProcessor, "Qwen2VLVideoProcessor", words,
+                                     vision["patch_size"])
+
+
+def qwen3_vl(*, attention: str = "sdpa", seed: int = 0):
+    """(Qwen3VLForConditionalGeneration, Qwen3VLProcessor or None) at a tiny shape: as `qwen2_5_vl`, with a
+    6-block Qwen3-VL tower with two deepstack mergers (TINY_QWEN3_VISION). The processor is None where
+    torchvision does not import (transformers' Qwen3-VL video processor needs it)."""
+    model, words = _qwen_vl(transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
+                            TINY_QWEN3_VISION, TINY_TEXT, attention=attention, seed=seed)
+    return model, _qwen_vl_processor(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", words, 2)
+
+
+def _qwen_vl(config_class, model_class, vision: dict, text: dict, *, attention: str, seed: int):
+    """A Qwen-VL model of `model_class` (an M-RoPE LM of `text` sizes) and its tokenizer."""
     import torch
 
     words = tokenizer()
-    vision = TINY_QWEN_VISION if tiny else QWEN2_5_VL_VISION
-    text = dict(TINY_TEXT if tiny else QWEN2_0_5B)
-    head_pairs = text["hidden_size"] // text["num_attention_heads"] // 2  # M-RoPE splits them over (t, h, w)
-    sections = [head_pairs // 4, 3 * head_pairs // 8, head_pairs - head_pairs // 4 - 3 * head_pairs // 8]
-    text["rope_parameters"] = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}
-    text.update(pad_token_id=words.pad_token_id, eos_token_id=words.eos_token_id, bos_token_id=words.bos_token_id)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]  # Qwen3-VL's text config defaults to 128
+    pairs = head_dim // 2  # M-RoPE splits the rotary pairs over (t, h, w)
+    sections = [pairs // 4, 3 * pairs // 8, pairs - pairs // 4 - 3 * pairs // 8]
+    rope = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}
+    text = dict(text, head_dim=head_dim, rope_parameters=rope, pad_token_id=words.pad_token_id,
+                eos_token_id=words.eos_token_id, bos_token_id=words.bos_token_id)
     ids = {name: words.convert_tokens_to_ids(token) for name, token in zip(
         ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), QWEN_SPECIAL)}
-    config = transformers.Qwen2_5_VLConfig(
-        vision_config=dict(vision, out_hidden_size=text["hidden_size"]), text_config=text, **ids
-    )
+    config = config_class(vision_config=dict(vision, out_hidden_size=text["hidden_size"]), text_config=text, **ids)
     config._attn_implementation = attention
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.pad_token_id = words.pad_token_id
-    patch = vision["patch_size"]
+    return model, words
+
+
+def _qwen_vl_processor(processor_class, video_processor: str, words, patch: int):
+    """Images of 8 to 32 patches a side, 2 frames per temporal patch, 2x2 units; None without torchvision."""
     pixels = dict(patch_size=patch, temporal_patch_size=2, merge_size=2,
                   size={"shortest_edge": (8 * patch) ** 2, "longest_edge": (32 * patch) ** 2})
     try:
-        video_processor = transformers.Qwen2VLVideoProcessor(**pixels)
+        videos = getattr(transformers, video_processor)(**pixels)
     except ImportError:
-        return model, None
-    processor = transformers.Qwen2_5_VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessorPil(**pixels),
-        tokenizer=words,
-        video_processor=video_processor,
-    )
-    return model, processor
+        return None
+    return processor_class(image_processor=transformers.Qwen2VLImageProcessorPil(**pixels), tokenizer=words,
+                           video_processor=videos)

@@ -1,5 +1,6 @@
-"""Qwen2.5-VL end to end on a tiny random model (no downloads): the patched processor emits one placeholder per
-kept merge unit, each kept unit keeps its original M-RoPE position, and keep_ratio=1 gives the unpatched tokens."""
+"""Qwen2.5-VL and Qwen3-VL end to end on tiny random models (no downloads): the patched processor emits one
+placeholder per kept merge unit, each kept unit keeps its original M-RoPE position, Qwen3-VL's deepstack features
+line up with the placeholders, and keep_ratio=1 gives the unpatched tokens."""
 
 import numpy
 import pytest
@@ -35,12 +36,16 @@ REQUESTS = {
         text=[f"USER : {IMAGE} {VIDEO} left {IMAGE} right ASSISTANT :"],
     ),
 }
+# Qwen3-VL's processor writes a video frame by frame (a timestamp, then the frame between vision start / end),
+# and positions each frame as a block of its own: the same requests test that layout.
+FAMILIES = dict(qwen2_5_vl=random_models.qwen2_5_vl, qwen3_vl=random_models.qwen3_vl)
+family = pytest.mark.parametrize("build", FAMILIES.values(), ids=FAMILIES.keys())
 
 
-def model_and_processor(**kwargs):
-    model, processor = random_models.qwen2_5_vl(**kwargs)
+def model_and_processor(build, **kwargs):
+    model, processor = build(**kwargs)
     if processor is None:
-        pytest.skip("Qwen2_5_VLProcessor needs torchvision (make check-cuda has it)")
+        pytest.skip("the Qwen-VL processors need torchvision (make check-cuda has it)")
     return model, processor
 
 
@@ -65,11 +70,12 @@ def units(grid):
     return t, (h // 2) * (w // 2)
 
 
+@family
 @pytest.mark.parametrize("kind", list(REQUESTS))
 @pytest.mark.parametrize("attention,dtype", [("sdpa", torch.float32), ("eager", torch.float32),
                                              ("sdpa", torch.bfloat16)])
-def test_keep_ratio_one_generates_the_unpatched_tokens(kind, attention, dtype):
-    model, processor = model_and_processor(attention=attention)
+def test_keep_ratio_one_generates_the_unpatched_tokens(build, kind, attention, dtype):
+    model, processor = model_and_processor(build, attention=attention)
     model.to(dtype)
     expected_batch, expected = generate(model, processor, REQUESTS[kind])
     evoprune_ext.patch(model, keep_ratio=1.0, processor=processor)
@@ -78,10 +84,11 @@ def test_keep_ratio_one_generates_the_unpatched_tokens(kind, attention, dtype):
     assert torch.equal(got, expected)
 
 
+@family
 @pytest.mark.parametrize("kind", list(REQUESTS))
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
-def test_placeholders_positions_and_kept_units(kind, keep_ratio):
-    model, processor = model_and_processor()
+def test_placeholders_positions_and_kept_units(build, kind, keep_ratio):
+    model, processor = model_and_processor(build)
     full_positions, pruned_positions = [], []
     full, _ = generate(model, processor, REQUESTS[kind], full_positions)
     evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
@@ -118,35 +125,60 @@ def test_placeholders_positions_and_kept_units(kind, keep_ratio):
         real = full["attention_mask"][row].bool()
         assert torch.equal(pruned_rows[:, ~is_visual & batch["attention_mask"][row].bool()],
                            full_rows[:, ~was_visual & real])
-    # Visual positions, row after row and block after block in token order: the full grid's at the kept units.
+    # Visual positions, row after row in token order: the full grid's at the kept units.
     pruned_visual = pruned_positions[0][-3:][:, (batch["input_ids"] == image_ids) | (batch["input_ids"] == video_ids)]
     full_visual = full_positions[0][-3:][:, (full["input_ids"] == image_ids) | (full["input_ids"] == video_ids)]
     gathered, offset = [], 0
-    for k in _blocks_in_order(batch, n_images):
+    for k in _items_in_order(batch, kept, n_images):
         gathered.append(full_visual[:, offset + kept[k]])
         offset += int(grids[k].prod()) // 4
     assert torch.equal(pruned_visual, torch.cat(gathered, dim=1))
 
 
-def _blocks_in_order(batch, n_images):
-    """The index into `kept` of each visual block, in token order row after row."""
-    image_next, video_next, order = 0, n_images, []
-    for row, types in enumerate(batch["mm_token_type_ids"]):
-        previous = 0
-        for value in types.tolist():
-            if value != previous and value != 0:
-                if value == 1:
-                    order.append(image_next)
-                    image_next += 1
-                else:
-                    order.append(video_next)
-                    video_next += 1
-            previous = value
+def _items_in_order(batch, kept, n_images):
+    """The index into `kept` of each image and video, in token order row after row: an item's placeholders are
+    the next len(kept[item]) visual tokens, whether in one block or (Qwen3-VL video) one block per frame."""
+    types = batch["mm_token_type_ids"][batch["mm_token_type_ids"] > 0].tolist()
+    following, order, at = {1: 0, 2: n_images}, [], 0
+    while at < len(types):
+        order.append(following[types[at]])
+        following[types[at]] += 1
+        at += len(kept[order[-1]])
     return order
 
 
-def test_unpatch_restores_processor_and_model():
-    model, processor = model_and_processor()
+@pytest.mark.parametrize("kind", list(REQUESTS))
+def test_qwen3_deepstack_features_line_up_with_the_placeholders(kind):
+    """The language model adds each deepstack feature at the visual positions: it gets one row per placeholder,
+    the tower's pruned deepstack rows of each image and video in placeholder order."""
+    model, processor = model_and_processor(random_models.qwen3_vl)
+    evoprune_ext.patch(model, keep_ratio=0.5, processor=processor)
+    batch = processor(**REQUESTS[kind], return_tensors="pt", padding=True)
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    with torch.inference_mode():
+        model(**batch)
+        inputs = {"image": "pixel_values", "video": "pixel_values_videos"}
+        towers = {modality: model.model.visual(batch[pixels], grid_thw=batch[f"{modality}_grid_thw"])
+                  for modality, pixels in inputs.items() if pixels in batch}
+    hook.remove()
+    ids = batch["input_ids"]
+    visual = (ids == processor.image_token_id) | (ids == processor.video_token_id)
+    assert torch.equal(seen["visual_pos_masks"], visual)
+    is_image = ids[visual] == processor.image_token_id
+    embeds = seen["deepstack_visual_embeds"]
+    assert len(embeds) == len(model.config.vision_config.deepstack_visual_indexes)
+    for layer, rows in enumerate(embeds):
+        assert rows.shape[0] == int(visual.sum())
+        for modality, tower in towers.items():
+            assert torch.equal(rows[is_image if modality == "image" else ~is_image], tower.deepstack_features[layer])
+
+
+@family
+def test_unpatch_restores_processor_and_model(build):
+    model, processor = model_and_processor(build)
     request = REQUESTS["images and video in one prompt"]
     before, expected = generate(model, processor, request)
     evoprune_ext.patch(model, keep_ratio=0.25, processor=processor)
@@ -154,13 +186,14 @@ def test_unpatch_restores_processor_and_model():
     evoprune_ext.unpatch(model)
     after, got = generate(model, processor, request)
     assert torch.equal(after["input_ids"], before["input_ids"]) and torch.equal(got, expected)
-    assert type(model.model).__name__ == "Qwen2_5_VLModel" and "forward" not in vars(model.model.visual)
+    assert type(model.model) is type(build()[0].model) and "forward" not in vars(model.model.visual)
 
 
-def test_without_processor_hand_made_prompt():
+@family
+def test_without_processor_hand_made_prompt(build):
     """The model side alone (runs without torchvision): a prompt built with the pruned counts generates, and
     the vision positions are the full grid's at the kept units."""
-    model, _ = random_models.qwen2_5_vl()
+    model, _ = build()
     grid = torch.tensor([[1, 8, 12], [1, 6, 6]])
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(0))
     tokens = random_models.tokenizer()

@@ -6,9 +6,9 @@ Its encoder layers and attention modules have the same structure in both familie
 `evoprune_ext.encoder` alone; an `Adapter` only says how to recognize the tower and what EvoPrune must know about
 its family.
 
-A multimodal LLM around a tower (LLaVA, LLaVA-OneVision) is a `Family`: the mixins that make its processor emit
+A multimodal LLM around a tower (LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) is a `Family`: the mixins that make its processor emit
 one placeholder per token the pruned tower keeps, and its model pack those tokens where it differs from the
-unpruned layout. Each family's module says only that (`llava.py`, `llava_onevision.py`).
+unpruned layout. Each family's module says only that (`llava.py`, `llava_onevision.py`, `qwen_vl.py`).
 """
 
 from collections.abc import Callable
@@ -19,7 +19,7 @@ from torch import nn
 SUPPORTED = (
     "transformers' CLIPVisionModel / CLIPVisionTransformer, SiglipVisionModel / SiglipVisionTransformer, "
     "or a model containing exactly one of them (LLaVA, LLaVA-OneVision, CLIPModel, ...); "
-    "Qwen2_5_VLForConditionalGeneration / Qwen2_5_VLModel"
+    "Qwen2_5_VLForConditionalGeneration / Qwen2_5_VLModel, Qwen3VLForConditionalGeneration / Qwen3VLModel"
 )
 
 
@@ -73,7 +73,7 @@ def _families() -> list[Family]:
     _transformers()
     from evoprune_ext.adapters import llava, llava_onevision, qwen_vl
 
-    return [llava.FAMILY, llava_onevision.FAMILY, qwen_vl.QWEN2_5_VL]
+    return [llava.FAMILY, llava_onevision.FAMILY, qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL]
 
 
 def find_family(model: nn.Module) -> tuple[nn.Module, Family] | tuple[None, None]:

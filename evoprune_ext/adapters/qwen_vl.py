@@ -1,8 +1,8 @@
-"""The language side of a pruned Qwen-VL tower (Qwen2.5-VL): placeholder counts and M-RoPE positions.
+"""The language side of a pruned Qwen-VL tower (Qwen2.5-VL, Qwen3-VL): placeholder counts and M-RoPE positions.
 
-The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwen2_5_vl.py`), so:
-- the processor emits `t * round(h/2 * w/2 * keep_ratio)` placeholders per image or video of grid (t, h, w),
-  from the grid alone (static), and its count helper `_get_num_multimodal_tokens` agrees;
+The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwen2_5_vl.py`, `qwen3_vl.py`), so:
+- the processor emits `round(h/2 * w/2 * keep_ratio)` placeholders per frame of an image or video of grid
+  (t, h, w), from the grid alone (static), and its count helper `_get_num_multimodal_tokens` agrees;
 - the model splits the tower's output by the kept counts, and gives each kept unit the M-RoPE position
   (t, h, w) it had in the full grid: transformers computes the full grid's positions as it always does, and the
   positions of the units the tower dropped are left out. Text after a visual block continues where the model's
@@ -10,29 +10,39 @@ The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwe
 - `generate()` computes the positions before the tower has chosen its units (transformers'
   `_prepare_position_ids_for_generation`): the model then runs the tower first and recomputes the visual rows of
   the positions from the kept units, before the language model sees them.
+
+What Qwen3-VL changes (`PrunedQwen3Model`): its processor writes each video frame as a block of its own, after a
+timestamp and between `<|vision_start|>` / `<|vision_end|>`, and `get_rope_index` positions each frame as an
+image of t=1; its tower also returns deepstack features, split by the same kept counts (the tower pruned them
+exactly like the main features, so they line up with the kept units' placeholders).
 """
 
 import itertools
 import math
+import re
 
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl, processing_qwen2_5_vl
+from transformers.models.qwen3_vl import modeling_qwen3_vl, processing_qwen3_vl
 
 from evoprune_ext.adapters import Family
 from evoprune_ext.adapters.qwen2_5_vl import patch_qwen2_5_vl_tower, unpatch_qwen2_5_vl_tower
+from evoprune_ext.adapters.qwen3_vl import patch_qwen3_vl_tower, unpatch_qwen3_vl_tower
 from evoprune_ext.encoder import kept_tokens
 
 
 class PrunedQwenProcessor:
-    """Mixed into Qwen2_5_VLProcessor: one placeholder per kept merge unit."""
+    """Mixed into Qwen2_5_VLProcessor / Qwen3VLProcessor: one placeholder per kept merge unit."""
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        text = super().replace_image_token(image_inputs, image_idx, **kwargs)
         grid = image_inputs["image_grid_thw"][image_idx].tolist()
-        return self.image_token * self._evoprune_units(grid, self.image_processor.merge_size)
+        return self._evoprune_shrink(text, self.image_token, grid, self.image_processor.merge_size)
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        text = super().replace_video_token(video_inputs, video_idx, **kwargs)
         grid = video_inputs["video_grid_thw"][video_idx].tolist()
-        return self.video_token * self._evoprune_units(grid, self.video_processor.merge_size)
+        return self._evoprune_shrink(text, self.video_token, grid, self.video_processor.merge_size)
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
@@ -45,17 +55,23 @@ class PrunedQwenProcessor:
             data.num_video_tokens = [t * kept_tokens(n // t, keep_ratio) for n, t in zip(data.num_video_tokens, frames)]
         return data
 
-    def _evoprune_units(self, grid: list[int], merge: int) -> int:
-        t, h, w = grid
-        return t * kept_tokens((h // merge) * (w // merge), self._evoprune.keep_ratio)
+    def _evoprune_shrink(self, text: str, token: str, grid: list[int], merge: int) -> str:
+        """The processor's own expansion `text` with every run of `token` cut to the kept units of its frames:
+        Qwen2.5-VL writes one run of t frames per image or video, Qwen3-VL one run per frame (its timestamps and
+        vision start / end tokens stay as they are)."""
+        _, h, w = grid
+        units = (h // merge) * (w // merge)
+        kept = kept_tokens(units, self._evoprune.keep_ratio)
+        run = re.compile(f"(?:{re.escape(token)})+")
+        return run.sub(lambda found: token * (len(found[0]) // len(token) // units * kept), text)
 
 
 VISUAL_TYPES = {1: "image", 2: "video"}  # mm_token_type_ids values
 
 
 class PrunedQwenModel:
-    """Mixed into Qwen2_5_VLModel: splits the tower's output by the kept counts and places each kept unit at its
-    original M-RoPE position."""
+    """Mixed into Qwen2_5_VLModel (and, through PrunedQwen3Model, Qwen3VLModel): splits the tower's output by the
+    kept counts and places each kept unit at its original M-RoPE position."""
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         return self._evoprune_features("image", pixel_values, image_grid_thw, **kwargs)
@@ -123,7 +139,8 @@ class PrunedQwenModel:
         the tower's kept indices once it has run; before (generate's first position pass), the first units of the
         block, as placeholders of the right count."""
         found = vars(self).get("_evoprune_kept", {})
-        kept = {code: iter(found[modality][1] if modality in found else []) for code, modality in VISUAL_TYPES.items()}
+        kept = {code: iter(self._evoprune_blocks(*found[modality]) if modality in found else [])
+                for code, modality in VISUAL_TYPES.items()}
         groups = []
         for row, types in enumerate(mm_token_type_ids):
             if attention_mask is not None:
@@ -141,6 +158,31 @@ class PrunedQwenModel:
                 groups.append(torch.arange(count) if units is None else units)
         return groups
 
+    def _evoprune_blocks(self, grid_thw, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The kept units of each visual block of one modality: one block per image or video."""
+        return kept
+
+
+class PrunedQwen3Model(PrunedQwenModel):
+    """Mixed into Qwen3VLModel: the deepstack features are split like the main ones, and every video frame is a
+    visual block of its own."""
+
+    def _evoprune_features(self, modality: str, pixels, grid_thw, **kwargs):
+        outputs = super()._evoprune_features(modality, pixels, grid_thw, **kwargs)
+        counts = [len(features) for features in outputs.pooler_output]
+        outputs.deepstack_features = [torch.split(features, counts) for features in outputs.deepstack_features]
+        return outputs
+
+    def _evoprune_blocks(self, grid_thw, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One block per frame (timestamps separate them; an image is one frame), holding the frame's kept units
+        as indices into the frame, which is how get_rope_index positions it (t=1)."""
+        merge = self.config.vision_config.spatial_merge_size
+        blocks = []
+        for (frames, h, w), units in zip(grid_thw.tolist(), kept):
+            per_frame = (h // merge) * (w // merge)
+            blocks += [units[units // per_frame == frame] - frame * per_frame for frame in range(frames)]
+        return blocks
+
 
 QWEN2_5_VL = Family(
     name="Qwen2.5-VL",
@@ -150,4 +192,14 @@ QWEN2_5_VL = Family(
     model_mixin=PrunedQwenModel,
     patch_tower=lambda inner, **options: patch_qwen2_5_vl_tower(inner.visual, **options).evoprune_state,
     unpatch_tower=lambda inner: unpatch_qwen2_5_vl_tower(inner.visual),
+)
+
+QWEN3_VL = Family(
+    name="Qwen3-VL",
+    model=modeling_qwen3_vl.Qwen3VLModel,
+    processor=processing_qwen3_vl.Qwen3VLProcessor,
+    processor_mixin=PrunedQwenProcessor,
+    model_mixin=PrunedQwen3Model,
+    patch_tower=lambda inner, **options: patch_qwen3_vl_tower(inner.visual, **options).evoprune_state,
+    unpatch_tower=lambda inner: unpatch_qwen3_vl_tower(inner.visual),
 )
