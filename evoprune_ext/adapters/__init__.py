@@ -6,9 +6,10 @@ Its encoder layers and attention modules have the same structure in both familie
 `evoprune_ext.encoder` alone; an `Adapter` only says how to recognize the tower and what EvoPrune must know about
 its family.
 
-A multimodal LLM around a tower (LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) is a `Family`: the mixins that make its processor emit
-one placeholder per token the pruned tower keeps, and its model pack those tokens where it differs from the
-unpruned layout. Each family's module says only that (`llava.py`, `llava_onevision.py`, `qwen_vl.py`).
+A multimodal LLM around a tower (LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) is a `Family`: the mixins that
+make its processor emit one placeholder per token the pruned tower keeps, and its model pack and position those
+tokens where it differs from the unpruned layout; the Qwen-VL families also patch their packed towers
+themselves. Each family's module says only that (`llava.py`, `llava_onevision.py`, `qwen_vl.py`).
 """
 
 from collections.abc import Callable
