@@ -125,16 +125,17 @@ def _onevision_processor(image, patch_size, pinpoints, words):
     )
 
 
-def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0):
+def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0, text: dict | None = None):
     """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor or None). Tiny: a 6-block tower of 2-pixel
     patches (images of 16 to 64 pixels a side give 8 to 32 patches) and a 2-layer M-RoPE LM; otherwise
     Qwen2.5-VL-3B's tower and an LM with Qwen2-0.5B's sizes. The processor is None where torchvision does not
-    import (transformers' Qwen2-VL video processor needs it)."""
+    import (transformers' Qwen2-VL video processor needs it). `text`: LM config arguments that replace the tiny
+    or real ones (vLLM's CPU attention needs a head_dim of 32, 64, 80, ...)."""
     import torch
 
     words = tokenizer()
     vision = TINY_QWEN_VISION if tiny else QWEN2_5_VL_VISION
-    text = dict(TINY_TEXT if tiny else QWEN2_0_5B)
+    text = dict(TINY_TEXT if tiny else QWEN2_0_5B, **(text or {}))
     head_pairs = text["hidden_size"] // text["num_attention_heads"] // 2  # M-RoPE splits them over (t, h, w)
     sections = [head_pairs // 4, 3 * head_pairs // 8, head_pairs - head_pairs // 4 - 3 * head_pairs // 8]
     text["rope_parameters"] = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}
