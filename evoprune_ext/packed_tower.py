@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from evoprune_ext.defaults import DEFAULT_ALPHA
 from evoprune_ext.encoder import default_layers, schedule_keeps
 
-__all__ = ["MERGE", "UNIT", "QwenPruneState", "Units", "attention_then_prune", "frame_units", "kept_units",
-           "patch_tower", "unpatch_tower"]
+__all__ = ["MERGE", "UNIT", "QwenPruneState", "Units", "WindowUnits", "attention_then_prune", "frame_units",
+           "kept_units", "patch_tower", "prune_after_attention", "unpatch_tower"]
 
 MERGE = 2  # the merger fuses MERGE x MERGE patches (spatial_merge_size)
 UNIT = MERGE * MERGE  # tokens per merge unit
@@ -76,6 +76,21 @@ class Units:
         )
 
 
+@dataclass
+class WindowUnits(Units):
+    """Units in window order, with the window of each (Qwen2.5-VL's window attention, in transformers and vLLM)."""
+
+    window: Tensor  # [U] window of each unit (ascending)
+
+    def cu_window_seqlens(self) -> Tensor:
+        """Window-attention segments, in tokens; windows without units are left out, as the tower does."""
+        counts = torch.bincount(self.window) * UNIT
+        return nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)).unique_consecutive()
+
+    def select(self, index: Tensor, sizes: Tensor, frames: list[int]) -> "WindowUnits":
+        return replace(super().select(index, sizes, frames), window=self.window[index])
+
+
 def frame_units(grid: list[list[int]]) -> list[int]:
     """Units of each frame, frames in order, of the grid_thw rows `grid`."""
     return [(h // MERGE) * (w // MERGE) for t, h, w in grid for _ in range(t)]
@@ -103,15 +118,34 @@ def attention_then_prune(
         )
     finally:
         hook.remove()
-    tokens, dim = hidden.shape
-    queries, keys, _ = captured[0].reshape(tokens, 3, block.attn.num_heads, -1).unbind(1)  # [tokens, H, d]
+    queries, keys, _ = captured[0].reshape(hidden.shape[0], 3, block.attn.num_heads, -1).unbind(1)  # [tokens, H, d]
+    hidden, units, carried = prune_after_attention(
+        hidden, queries, keys, units, keep, alpha, apply_rotary, block.attn.scaling, carried
+    )
+    return hidden + block.mlp(block.norm2(hidden)), units, carried
+
+
+def prune_after_attention(
+    hidden: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    units: Units,
+    keep: list[int],
+    alpha: float,
+    apply_rotary,
+    scaling: float,
+    carried: list[Tensor],
+) -> tuple[Tensor, Units, list[Tensor]]:
+    """The pruning step of `attention_then_prune`, for a tower whose blocks are written differently (vLLM's):
+    `hidden` [tokens, D], the residual stream after the attention; `queries`, `keys` [tokens, H, d], the
+    attention's projections before the rotary embedding. Returns (hidden of the units left, those units, carried)."""
+    dim = hidden.shape[1]
     metric = keys.float().mean(1).view(-1, UNIT, keys.shape[-1]).mean(1).to(hidden.dtype)
     # Importance from the logits the attention computed: rotated queries and keys.
     queries, keys = apply_rotary(queries, keys, *units.position_embeddings)
     frame_tokens = [n * UNIT for n in units.frames]
     importance = torch.ops.evoprune.importance_from_qk_packed(
-        queries.transpose(0, 1), keys.transpose(0, 1), block.attn.scaling, q_lengths=frame_tokens,
-        k_lengths=frame_tokens,
+        queries.transpose(0, 1), keys.transpose(0, 1), scaling, q_lengths=frame_tokens, k_lengths=frame_tokens,
     )
     out, index, sizes, slot = torch.ops.evoprune.prune_packed(
         hidden.reshape(-1, UNIT * dim), importance.view(-1, UNIT).sum(1), lengths=units.frames, keep=keep,
@@ -123,8 +157,7 @@ def attention_then_prune(
         .view(-1, dim)
         for rows in carried
     ]
-    hidden = out.view(-1, dim)
-    return hidden + block.mlp(block.norm2(hidden)), units.select(index, sizes, keep), carried
+    return out.view(-1, dim), units.select(index, sizes, keep), carried
 
 
 def kept_units(units: Units, grid: list[list[int]]) -> list[Tensor]:

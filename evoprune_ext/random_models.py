@@ -130,12 +130,14 @@ def _onevision_processor(image, patch_size, pinpoints, words):
     )
 
 
-def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0):
+def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0, text: dict | None = None):
     """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor or None). Tiny: a 6-block tower of 2-pixel
     patches (images of 16 to 64 pixels a side give 8 to 32 patches) and a 2-layer M-RoPE LM; otherwise
     Qwen2.5-VL-3B's tower and an LM with Qwen2-0.5B's sizes. The processor is None where torchvision does not
-    import (transformers' Qwen2-VL video processor needs it)."""
-    vision, text = (TINY_QWEN_VISION, TINY_TEXT) if tiny else (QWEN2_5_VL_VISION, QWEN2_0_5B)
+    import (transformers' Qwen2-VL video processor needs it). `text`: LM config arguments that replace the tiny
+    or real ones (vLLM's CPU attention needs a head_dim of 32, 64, 80, ...)."""
+    vision, sizes = (TINY_QWEN_VISION, TINY_TEXT) if tiny else (QWEN2_5_VL_VISION, QWEN2_0_5B)
+    text = dict(sizes, **(text or {}))
     model, words = _qwen_vl(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
                             vision, text, attention=attention, seed=seed)
     return model, _qwen_vl_processor(transformers.Qwen2_5_VLProcessor, "Qwen2VLVideoProcessor", words,

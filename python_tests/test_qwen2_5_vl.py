@@ -10,10 +10,10 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
 )
 
 from evoprune_ext.adapters.qwen2_5_vl import (  # noqa: E402
-    _Units,
     patch_qwen2_5_vl_tower,
     unpatch_qwen2_5_vl_tower,
 )
+from evoprune_ext.packed_tower import WindowUnits  # noqa: E402
 
 # Two images of different sizes and a 3-frame video (grid in patches: t, h, w); windows of 2x2 units.
 GRID = torch.tensor([[1, 8, 12], [1, 6, 6], [3, 4, 10]])
@@ -92,7 +92,7 @@ def test_pruned_rows_follow_the_kept_units():
 
 def test_units_bookkeeping_drops_empty_windows():
     cos = torch.arange(32.0).view(16, 2)  # rotary rows of 4 units of 4 tokens
-    units = _Units(ids=torch.tensor([5, 2, 0, 1]), window=torch.tensor([0, 0, 1, 2]), frames=[4],
+    units = WindowUnits(ids=torch.tensor([5, 2, 0, 1]), window=torch.tensor([0, 0, 1, 2]), frames=[4],
                    sizes=torch.ones(4), position_embeddings=(cos, -cos))
     kept = units.select(torch.tensor([1, 3]), torch.tensor([3.0, 1.0]), [2])
     assert kept.ids.tolist() == [2, 1] and kept.window.tolist() == [0, 2]

@@ -16,8 +16,6 @@ restores the raster order of the kept units after the merger, as `argsort(window
 Only the tower is patched: the language model still expects `t*h*w/4` placeholders per image or video.
 """
 
-from dataclasses import dataclass, replace
-
 import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -32,7 +30,7 @@ from transformers.vision_utils import get_vision_attention_seqlens, get_vision_p
 from evoprune_ext.packed_tower import (
     UNIT,
     QwenPruneState,
-    Units,
+    WindowUnits,
     attention_then_prune,
     frame_units,
     kept_units,
@@ -41,21 +39,6 @@ from evoprune_ext.packed_tower import (
 )
 
 __all__ = ["QwenPruneState", "patch_qwen2_5_vl_tower", "unpatch_qwen2_5_vl_tower"]
-
-
-@dataclass
-class _Units(Units):
-    """Units in window order, with the window of each."""
-
-    window: Tensor  # [U] window of each unit (ascending)
-
-    def cu_window_seqlens(self) -> Tensor:
-        """Window-attention segments, in tokens; windows without units are left out, as the tower does."""
-        counts = torch.bincount(self.window) * UNIT
-        return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)).unique_consecutive()
-
-    def select(self, index: Tensor, sizes: Tensor, frames: list[int]) -> "_Units":
-        return replace(super().select(index, sizes, frames), window=self.window[index])
 
 
 @merge_with_config_defaults
@@ -84,7 +67,7 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     # transformers builds window_index on the CPU: the bookkeeping lives on the tokens' device.
     device = hidden_states.device
     window_units = (cu_window_seqlens.diff() // UNIT).to(device, torch.int64)
-    units = _Units(
+    units = WindowUnits(
         ids=window_index.to(device),
         frames=frames,
         sizes=hidden_states.new_ones(len(window_index), dtype=torch.float32),
