@@ -54,7 +54,12 @@ def main(argv=None) -> None:
     quality_args = ["--smoke"] if args.quick else []
     eval_quality.main([*quality_args, "--out", str(results)])
     quality_md = (results / "quality.md").read_text()
-    mllm = bench_mllm.main([*quick, "--json", str(results / "mllm.json")])
+    # LLaVA with every peer; the 8-frame videos and Qwen with two peers and two runs (each takes minutes).
+    mllm = bench_mllm.main([*quick, "--models", "llava-1.5", "--repeats", "3",
+                            "--json", str(results / "mllm_llava.json")])
+    mllm += bench_mllm.main([*quick, "--models", "qwen2.5-vl-image,qwen2.5-vl-video,onevision-0.5b", "--repeats", "2",
+                             "--peers", "tome,visionzip", "--after", "visionzip",
+                             "--json", str(results / "mllm_video_qwen.json")])
     elapsed = time.perf_counter() - start
     if args.quick:
         print(f"bench/report.py --quick: all benchmarks ran in {elapsed:.0f} s")
@@ -91,14 +96,17 @@ spent inside torch.ops.evoprune.
 {bench_encoder.markdown(encoder)}
 
 ## End to end (`bench/bench_mllm.py`)
-Random-weight models at real shapes, float32, SDPA, batch 1: LLaVA-1.5 (CLIP-L/336 and a Llama LM with
-Qwen2-0.5B's sizes) on one image; LLaVA-OneVision-0.5B (SigLIP-so400m/384 and Qwen2-0.5B) on an 8-frame video,
-whose unpatched frames are pooled 729 -> 196 tokens. Speedups in brackets and "TTFT speedup" are over the
-unpatched model; "FLOP ideal" is the FLOP count's speedup (tower and LM prefill), "of ideal" their ratio.
-"after encoder" peers prune once at the tower's output layer, so only the LM saves.
+Random-weight models at real shapes, float32, SDPA, batch 1, medians: LLaVA-1.5 (CLIP-L/336 and a Llama LM
+with Qwen2-0.5B's sizes) on one image; Qwen2.5-VL (the 3B tower: 32 blocks, width 1280, windows; a
+Qwen2-0.5B-sized M-RoPE LM) on a 448 x 448 image and an 8-frame video at 336 x 336; LLaVA-OneVision-0.5B
+(SigLIP-so400m/384 and Qwen2-0.5B) on an 8-frame video, whose unpatched frames are pooled 729 -> 196 tokens
+(EvoPrune replaces that pooling, so at keep 0.5 the LM gets more tokens than unpatched). Speedups in brackets
+and "TTFT speedup" are over the unpatched model; "FLOP ideal" is the FLOP count's speedup (tower and LM
+prefill), "of ideal" their ratio. "after encoder" prunes once at the tower's output layer (for Qwen:
+EvoPrune in the last block, the count vLLM's EVS would keep), so only the LM saves. Raw rows:
+`bench/results/mllm_llava.json`, `bench/results/mllm_video_qwen.json`.
 
 {bench_mllm.markdown(mllm, 32)}
-
 ## Quality (`bench/eval_quality.py`)
 ![accuracy vs retention](quality.png)
 
