@@ -1,15 +1,16 @@
 """Shared fixtures: the devices every parity test runs on (CUDA only where a GPU exists and the
 extension was built with its CUDA kernels; a CPU-only build on a GPU machine skips them)."""
 
-import importlib.util
+import importlib.metadata
 
 import pytest
 import torch
 
 import evoprune_ext
 
-# python_tests/vllm runs in its own venv (make test-vllm).
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# python_tests/serving needs vLLM and runs in its own venv (make test-vllm). Asked of the installed
+# distributions: a find_spec("vllm") would also find folders named vllm on sys.path.
+collect_ignore = [] if "vllm" in importlib.metadata.packages_distributions() else ["serving"]
 
 HAS_CUDA = torch.cuda.is_available() and evoprune_ext.build_info()["cuda"]
 DEVICES = [
