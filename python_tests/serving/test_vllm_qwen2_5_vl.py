@@ -1,23 +1,27 @@
 """vLLM's Qwen2.5-VL with EvoPrune in its tower (evoprune_ext/vllm/qwen2_5_vl.py), on a tiny random model saved
-locally: keep_ratio=1 gives vLLM's own tokens; 0.5 and 0.25 give prompts of the expected visual token counts, and
-generation runs. One engine at a time, each in a subprocess (vllm_engine.py)."""
-
-import json
-import subprocess
-import sys
-from pathlib import Path
+locally: keep_ratio=1 gives vLLM's own tokens; 0.5 and 0.25 give prompts of the expected visual token counts for
+images, videos and several of each, and generation runs; chunked prefill and a warm prefix cache change nothing.
+One engine at a time, each in a subprocess (vllm_engine.py)."""
 
 import pytest
-from vllm_engine import ENV
+from vllm_engine import request, run_engine
 
 from evoprune_ext import random_models
 
-IMAGE_PAD = "<|image_pad|>"
+ARCHITECTURE = "EvoPruneQwen2_5_VLForConditionalGeneration"
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+REQUESTS = [
+    request(f"USER : {IMAGE} what is in this image ASSISTANT :", images=1),
+    request(f"USER : {IMAGE} {IMAGE} what is in this image ASSISTANT :", images=2, seed=1),
+    request(f"USER : {VIDEO} what is in this video ASSISTANT :", videos=1),
+    request(f"USER : {IMAGE} {VIDEO} {VIDEO} what is in this video ASSISTANT :", images=1, videos=2, seed=2),
+]
 RATIOS = [None, 1.0, 0.5, 0.25]  # None: vLLM's own Qwen2_5_VLForConditionalGeneration
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory):
     # vLLM's CPU attention needs a head_dim of 32, 64, 80, ...: 64 / 2 heads.
     model, processor = random_models.qwen2_5_vl(text=dict(num_attention_heads=2))
     path = tmp_path_factory.mktemp("qwen2_5_vl")
@@ -28,23 +32,25 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory) -> dict:
-    results = {}
-    for ratio in RATIOS:
-        out = tmp_path_factory.mktemp("run") / "out.json"
-        args = [sys.executable, str(Path(__file__).parent / "vllm_engine.py"), str(model_dir), str(out)]
-        subprocess.run(args + ([] if ratio is None else [str(ratio)]), env=ENV, check=True, timeout=600)
-        results[ratio] = json.loads(out.read_text())
-    return results
+    return {
+        ratio: run_engine(tmp_path_factory.mktemp("run"), model=model_dir, requests=REQUESTS, keep_ratio=ratio,
+                          architecture=None if ratio is None else ARCHITECTURE)
+        for ratio in RATIOS
+    }
 
 
-def _image_blocks(prompt: list[int], image_pad: int) -> list[int]:
-    """Lengths of the runs of image placeholders."""
-    blocks, run = [], 0
-    for token in prompt + [None]:
-        if token == image_pad:
-            run += 1
-        elif run:
-            blocks, run = blocks + [run], 0
+def visual_blocks(prompt: list[int]) -> list[tuple[str, int]]:
+    """(placeholder, length) of each run of image or video placeholders."""
+    tokenizer = random_models.tokenizer()
+    names = {tokenizer.convert_tokens_to_ids(name): name for name in ("<|image_pad|>", "<|video_pad|>")}
+    blocks, previous = [], None
+    for token in prompt:
+        name = names.get(token)
+        if name is not None and name == previous:
+            blocks[-1] = (name, blocks[-1][1] + 1)
+        elif name is not None:
+            blocks.append((name, 1))
+        previous = name
     return blocks
 
 
@@ -53,9 +59,20 @@ def test_keep_ratio_one_is_vllm(runs):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
-def test_pruned_prompt_counts_and_generation(runs, model_dir, ratio):
-    image_pad = random_models.tokenizer().convert_tokens_to_ids(IMAGE_PAD)
+def test_pruned_prompt_counts_and_generation(runs, ratio):
     for full, pruned in zip(runs[None], runs[ratio]):
-        units = _image_blocks(full["prompt"], image_pad)
-        assert units and _image_blocks(pruned["prompt"], image_pad) == [round(n * ratio) for n in units]
+        blocks = visual_blocks(full["prompt"])
+        # A video block is t=2 frames of 64 units; each frame keeps round(64 * ratio).
+        expected = [(name, 2 * round(n / 2 * ratio) if name == "<|video_pad|>" else round(n * ratio))
+                    for name, n in blocks]
+        assert blocks and visual_blocks(pruned["prompt"]) == expected
         assert len(pruned["output"]) == 8
+
+
+def test_chunked_prefill_and_prefix_cache_change_nothing(runs, model_dir, tmp_path):
+    """Prompts split into chunks of 16 tokens (visual blocks cut across chunks), each prompt run twice (the second
+    pass reads its prefix from the cache): the tokens of one unchunked pass."""
+    chunked = run_engine(tmp_path, model=model_dir, requests=REQUESTS, architecture=ARCHITECTURE, keep_ratio=0.5,
+                         passes=2, engine=dict(enable_prefix_caching=True, enable_chunked_prefill=True,
+                                               max_num_batched_tokens=16, max_num_seqs=1))
+    assert chunked == runs[0.5] + runs[0.5]

@@ -1,45 +1,89 @@
-"""One vLLM engine on a saved model, greedy generation for image prompts; writes what it saw as JSON.
+"""One vLLM engine in a subprocess of its own: greedy generation for a list of requests, tokens back as JSON.
 
-    python vllm_engine.py MODEL_DIR OUT.json [KEEP_RATIO]     # no KEEP_RATIO: vLLM's own Qwen2.5-VL
+    results = run_engine(tmp_path, model=DIR, requests=[request(PROMPT, images=1), ...], keep_ratio=0.25)
 
-Run it with `ENV` (site/sitecustomize.py on PYTHONPATH for every vLLM process, a 1 GiB KV cache).
+`run_engine` writes the job as JSON and runs this file on it (`python vllm_engine.py JOB.json OUT.json`) with `ENV`:
+site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache. Images and videos are random
+pixels made from a seed in the subprocess, so a job stays small and the same request gives the same pixels in
+every engine. Each result: {"prompt": token ids, "output": token ids}.
 """
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-PROMPT = "USER : <|vision_start|><|image_pad|><|vision_end|> what is in this image ASSISTANT :"
 SITE = Path(__file__).parent / "site"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")]),
            VLLM_CPU_KVCACHE_SPACE="1")
-SIDES = [(32, 32), (48, 24)]  # pixels: grids of 16 x 16 and 24 x 12 patches (64 and 72 units)
+IMAGE_SIDES = [(32, 32), (48, 24)]  # (width, height) pixels: 16 x 16 and 12 x 24 patches (64 and 72 units)
+VIDEO_SIDE = (32, 32)  # each video: 4 frames -> t = 2 of 16 x 16 patches
 
 
-def images() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIDES]
+def request(prompt: str, *, images: int = 0, videos: int = 0, seed: int = 0) -> dict:
+    return {"prompt": prompt, "images": images, "videos": videos, "seed": seed}
 
 
-def main(model: str, out: str, keep_ratio: float | None) -> None:
+def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str | None = None,
+               keep_ratio: float | None = None, max_tokens: int = 8, passes: int = 1, dtype: str = "bfloat16",
+               engine: dict | None = None) -> list[dict]:
+    """Generate for `requests` in a fresh engine, `passes` times over (the results of each pass, in order: a later
+    pass finds the prefix cache warm). architecture=None: vLLM's own model class, unpruned. `engine`: more
+    arguments of `vllm.LLM`."""
+    job, out = tmp / "job.json", tmp / "out.json"
+    job.write_text(json.dumps(dict(model=str(model), requests=requests, architecture=architecture,
+                                   keep_ratio=keep_ratio, max_tokens=max_tokens, passes=passes, dtype=dtype,
+                                   engine=engine or {})))
+    subprocess.run([sys.executable, __file__, str(job), str(out)], env=ENV, check=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+def _images(count: int, seed: int) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sides = [IMAGE_SIDES[i % len(IMAGE_SIDES)] for i in range(count)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sides]
+
+
+def _videos(count: int, seed: int) -> list:
+    """(frames [4, H, W, 3], metadata) as vLLM takes Qwen videos: 4 frames at 2 fps, not resampled."""
+    rng = np.random.default_rng(seed + 1000)
+    w, h = VIDEO_SIDE
+    metadata = {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3],
+                "video_backend": "opencv", "do_sample_frames": False}
+    return [(rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8), dict(metadata)) for _ in range(count)]
+
+
+def _inputs(spec: dict) -> dict:
+    data = {}
+    if spec["images"]:
+        data["image"] = _images(spec["images"], spec["seed"])
+    if spec["videos"]:
+        data["video"] = _videos(spec["videos"], spec["seed"])
+    return {"prompt": spec["prompt"], "multi_modal_data": data}
+
+
+def main(job_path: str, out: str) -> None:
     from vllm import LLM, SamplingParams
 
+    job = json.loads(Path(job_path).read_text())
     overrides = None
-    if keep_ratio is not None:
-        overrides = {"architectures": ["EvoPruneQwen2_5_VLForConditionalGeneration"],
-                     "evoprune": {"keep_ratio": keep_ratio}}
-    llm = LLM(model=model, enforce_eager=True, dtype="bfloat16", max_model_len=2048, hf_overrides=overrides,
-              limit_mm_per_prompt={"image": 2, "video": 0})
-    requests = [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in images()]
-    requests.append({"prompt": PROMPT + PROMPT, "multi_modal_data": {"image": images()}})
-    results = llm.generate(requests, SamplingParams(max_tokens=8, temperature=0.0))
-    json.dump([{"prompt": list(r.prompt_token_ids), "output": list(r.outputs[0].token_ids)} for r in results],
-              open(out, "w"))
+    if job["architecture"] is not None:
+        overrides = {"architectures": [job["architecture"]], "evoprune": {"keep_ratio": job["keep_ratio"]}}
+    most = {kind: max(spec[f"{kind}s"] for spec in job["requests"]) for kind in ("image", "video")}
+    llm = LLM(model=job["model"], enforce_eager=True, dtype=job["dtype"], max_model_len=2048, hf_overrides=overrides,
+              limit_mm_per_prompt=most, seed=0, **job["engine"])
+    results = []
+    for _ in range(job["passes"]):
+        results += llm.generate([_inputs(spec) for spec in job["requests"]],
+                                SamplingParams(max_tokens=job["max_tokens"], temperature=0.0))
+    Path(out).write_text(json.dumps(
+        [{"prompt": list(r.prompt_token_ids), "output": list(r.outputs[0].token_ids)} for r in results]))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else None)
+    main(*sys.argv[1:])
