@@ -25,10 +25,18 @@ def register() -> None:
 
 def _let_runners_recompute_positions() -> None:
     """vLLM's runners recompute M-RoPE positions from the 4 channels a model appends to its visual embeddings
-    (`SupportsMultiModalPruning`) only when `runner.is_multimodal_pruning_enabled`, which they derive from
-    `video_pruning_rate` (GPU runner) or never set (CPU runner). After loading, a model that prunes in its tower
-    (`evoprune_prunes_positions`) turns it on."""
+    (`SupportsMultiModalPruning`) only when `runner.is_multimodal_pruning_enabled`, which the GPU runner derives
+    from `video_pruning_rate` (EVS) and the CPU runner never sets. After loading, it is turned on for a model that
+    prunes in its tower (`evoprune_prunes_positions`), and on the CPU runner as the GPU runner would (so that
+    vLLM's own EVS, which crashes there otherwise, runs too: bench/bench_vllm.py compares against it)."""
     import importlib
+
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+    def prunes(runner) -> bool:
+        model, config = runner.get_model(), runner.model_config.multimodal_config
+        return getattr(model, "evoprune_prunes_positions", False) or (
+            supports_multimodal_pruning(model) and config is not None and config.is_multimodal_pruning_enabled())
 
     for module, name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
                          ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
@@ -42,7 +50,7 @@ def _let_runners_recompute_positions() -> None:
 
         def wrapped(self, *args, _load_model=load_model, **kwargs):
             _load_model(self, *args, **kwargs)
-            if getattr(self.get_model(), "evoprune_prunes_positions", False):
+            if prunes(self):
                 self.is_multimodal_pruning_enabled = True
 
         wrapped._evoprune = True

@@ -1,7 +1,9 @@
 """vLLM tests: they run in .venv-vllm (`make test-vllm`); each engine runs in its own subprocess (vllm_engine.py),
-with site/sitecustomize.py on its PYTHONPATH. Here the same file runs first, before anything imports torchvision."""
+with .ci/vllm-site/sitecustomize.py on its PYTHONPATH. Here the same file runs first, before anything imports
+torchvision."""
 
 import runpy
-from pathlib import Path
 
-runpy.run_path(str(Path(__file__).parent / "site" / "sitecustomize.py"))
+from vllm_engine import SITE
+
+runpy.run_path(str(SITE / "sitecustomize.py"))

@@ -3,7 +3,7 @@
     results = run_engine(tmp_path, model=DIR, requests=[request(PROMPT, images=1), ...], keep_ratio=0.25)
 
 `run_engine` writes the job as JSON and runs this file on it (`python vllm_engine.py JOB.json OUT.json`) with `ENV`:
-site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache. Images and videos are random
+.ci/vllm-site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache. Images and videos are random
 pixels made from a seed in the subprocess, so a job stays small and the same request gives the same pixels in
 every engine. Each result: {"prompt": token ids, "output": token ids}.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-SITE = Path(__file__).parent / "site"
+SITE = Path(__file__).resolve().parents[2] / ".ci" / "vllm-site"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")]),
            VLLM_CPU_KVCACHE_SPACE="1")
 IMAGE_SIDES = [(32, 32), (48, 24)]  # (width, height) pixels: 16 x 16 and 12 x 24 patches (64 and 72 units)
@@ -41,7 +41,7 @@ def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str
     return json.loads(out.read_text())
 
 
-def _images(count: int, seed: int) -> list:
+def images(count: int, seed: int) -> list:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -49,7 +49,7 @@ def _images(count: int, seed: int) -> list:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sides]
 
 
-def _videos(count: int, seed: int) -> list:
+def videos(count: int, seed: int) -> list:
     """(frames [4, H, W, 3], metadata) as vLLM takes Qwen videos: 4 frames at 2 fps, not resampled."""
     rng = np.random.default_rng(seed + 1000)
     w, h = VIDEO_SIDE
@@ -61,9 +61,9 @@ def _videos(count: int, seed: int) -> list:
 def _inputs(spec: dict) -> dict:
     data = {}
     if spec["images"]:
-        data["image"] = _images(spec["images"], spec["seed"])
+        data["image"] = images(spec["images"], spec["seed"])
     if spec["videos"]:
-        data["video"] = _videos(spec["videos"], spec["seed"])
+        data["video"] = videos(spec["videos"], spec["seed"])
     return {"prompt": spec["prompt"], "multi_modal_data": data}
 
 
