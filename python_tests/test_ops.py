@@ -426,3 +426,16 @@ BAD_OTHERS = [
 def test_other_ops_reject_bad_arguments(call, message):
     with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
         call()
+
+
+@pytest.mark.parametrize("tokens", [64, 300, 64, 3000])  # in this order: the per-thread scratch grows, then is reused
+def test_selection_whatever_the_scratch_matches_reference_in_float64(tokens):
+    """The CPU kernels keep per-thread scratch for the similarity matrix (csrc/cpu/scratch.h) and give matrices
+    over 32 MiB memory of their own (3000 x 3000 in float64: 72 MB): every size selects exactly as the reference."""
+    g = torch.Generator().manual_seed(tokens)
+    metric = torch.randn(2, tokens, 8, dtype=torch.float64, generator=g)
+    importance = torch.rand(2, tokens, dtype=torch.float64, generator=g)
+    keep = tokens // 4  # enough picks for the GEMM
+    got = ops.select(metric, importance, keep=keep, alpha=0.2)
+    want = reference.select(metric, importance, keep=keep, alpha=0.2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -2,18 +2,21 @@
 //
 // Per sample: group sizes and member counts in one pass over slot (O(N)), then the size-weighted
 // sums in one pass over the tokens (O(N*D)), summed in ascending token order so the result is
-// deterministic; memory O(K*D) for the sums. Threading: ops run samples in parallel; within a
+// deterministic; memory O(K*D) for the sums (per-thread scratch, scratch.h). Threading: ops run samples in parallel; within a
 // large sample the feature dimension is split across threads (each column keeps its order).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
 #include "../math.h"
 #include "kernels.h"
+#include "scratch.h"
 
 namespace evoprune::cpu {
 namespace {
@@ -58,13 +61,15 @@ void merge_sample_impl(const at::Tensor& tokens, const at::Tensor& sizes, int64_
   at::parallel_for(0, d, std::max<int64_t>(1, kMergeWorkPerChunk / std::max<int64_t>(n, 1)),
                    [&](int64_t lo, int64_t hi) {
                      const int64_t width = hi - lo;
-                     std::vector<acc_t> sum(keep * width, acc_t(0));
+                     OwnedMemory own_sums;
+                     acc_t* sums = scratch<acc_t>(ScratchSlot::kMergeSums, size_t(keep) * size_t(width), own_sums);
+                     std::fill(sums, sums + keep * width, acc_t(0));
                      for (int64_t j = 0; j < n; ++j) {
                        const int64_t p = slot[j];
                        if (p < 0 || copies_kept_token(members[p], group_size[p])) continue;
                        const acc_t weight = size_of(j);
                        const scalar_t* xj = x + j * sn;
-                       acc_t* row = sum.data() + p * width;
+                       acc_t* row = sums + p * width;
                        if (sd == 1) {  // the common layout: a loop the compiler vectorizes
                          for (int64_t c = 0; c < width; ++c) row[c] += weight * static_cast<acc_t>(xj[lo + c]);
                        } else {
@@ -76,7 +81,7 @@ void merge_sample_impl(const at::Tensor& tokens, const at::Tensor& sizes, int64_
                          copy_token(p, index[p], lo, hi);
                          continue;
                        }
-                       const acc_t* row = sum.data() + p * width;
+                       const acc_t* row = sums + p * width;
                        for (int64_t c = 0; c < width; ++c) y[p * d + lo + c] = static_cast<scalar_t>(row[c] / group_size[p]);
                      }
                    });

@@ -8,24 +8,31 @@
 // inside the pass: O(K'*N*Dm) work and no memory beyond O(N*Dm).
 // Threading: ops run samples in parallel; a pass over a large sample is split across threads
 // (at::parallel_reduce), which is a no-op when already inside a parallel sample loop.
+// Vectorization: the pass is compiled for AVX-512, AVX2 and the baseline (GCC/Clang target_clones,
+// picked once at load time by the CPU); the build rounds every product and sum on its own
+// (-ffp-contract=off), so all three compute bit for bit the same floats.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
 #include "../composite.h"
 #include "../math.h"
 #include "kernels.h"
+#include "scratch.h"
 
 namespace evoprune::cpu {
 namespace {
 
-// Largest N x N similarity matrix one sample may allocate (64 MiB: N = 4096 in float32).
-constexpr int64_t kSimilarityMatrixBytes = int64_t(64) << 20;
+// Largest N x N similarity matrix one sample may allocate (1 GiB: N = 16384 in float32). Past a
+// few thousand tokens the dot products are bound by reading all unit vectors at every step, so the
+// GEMM wins at any N whose matrix fits (N = 9216: 2.9x faster, bench/bench_ops.py --sweep).
+constexpr int64_t kSimilarityMatrixBytes = int64_t(1) << 30;
 // A GEMM computes all N columns at once far faster per column than dot products do (BLAS runs
 // ~20x more FLOP/s here); it pays off once the greedy will read at least one column in
 // kColumnsPerGemmColumn (measured with bench/bench_ops.py).
@@ -38,7 +45,39 @@ bool use_similarity_matrix(int64_t n, int64_t picks, size_t acc_bytes) {
 }
 
 template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
+struct Candidate {
+  acc_t score;
+  int64_t index;  // -1: none yet
+};
+
+template <typename acc_t>
+Candidate<acc_t> better_of(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  return beats(a.score, a.index, b.score, b.index) ? a : b;
+}
+
+// What one greedy pass reads and updates (all arrays indexed by token).
+template <typename acc_t>
+struct PassState {
+  const acc_t* similarity;  // N x N similarity matrix, or nullptr: dot products of unit vectors
+  const acc_t* unit;        // [N, dm] unit vectors
+  int64_t n;
+  int64_t dm;
+  acc_t alpha;
+  const acc_t* ti;           // normalized importance
+  const int32_t* available;  // 1: may still be picked (int32, the width of float lanes)
+  acc_t* red;                // redundancy: similarity to the owner, -1 for none
+  int32_t* owner;
+  acc_t* score;
+};
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
+#define EVOPRUNE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EVOPRUNE_VECTOR_CLONES
+#endif
+
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
   // Eight partial sums let the compiler vectorize without reassociating (no -ffast-math).
   acc_t partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -51,15 +90,72 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
   return sum;
 }
 
+// One greedy pass over tokens [lo, hi): fold `pick` (if >= 0) into red/owner and score every
+// token, then return the best available candidate of the range: the highest score, the lowest
+// index among equals (math.h's `beats` order). Branch-free, so the compiler vectorizes it; the
+// maximum is kept per lane (kLanes of them) so that it vectorizes without reassociating.
 template <typename acc_t>
-struct Candidate {
-  acc_t score;
-  int64_t index;  // -1: none yet
-};
+inline __attribute__((always_inline)) Candidate<acc_t> greedy_pass_body(const PassState<acc_t>& st, int64_t pick,
+                                                                         int64_t lo, int64_t hi) {
+  acc_t* __restrict__ red = st.red;
+  int32_t* __restrict__ owner = st.owner;
+  acc_t* __restrict__ score = st.score;
+  const acc_t* __restrict__ ti = st.ti;
+  const int32_t* __restrict__ available = st.available;
+  if (pick >= 0) {  // not "row != nullptr": an empty metric (Dm = 0) has no data pointer
+    const int32_t picked = static_cast<int32_t>(pick);
+    if (st.similarity != nullptr) {
+      // The matrix is symmetric up to rounding; reading the pick's row keeps the access contiguous.
+      const acc_t* __restrict__ row = st.similarity + pick * st.n;
+      for (int64_t j = lo; j < hi; ++j) {
+        const bool take = takes_ownership(row[j], red[j]);
+        red[j] = take ? row[j] : red[j];
+        owner[j] = take ? picked : owner[j];
+      }
+    } else {
+      const acc_t* pick_unit = st.unit + pick * st.dm;
+      for (int64_t j = lo; j < hi; ++j) {
+        const acc_t s = dot(st.unit + j * st.dm, pick_unit, st.dm);
+        const bool take = takes_ownership(s, red[j]);
+        red[j] = take ? s : red[j];
+        owner[j] = take ? picked : owner[j];
+      }
+    }
+  }
+  constexpr int kLanes = 16;
+  acc_t lane_best[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane_best[l] = minus_infinity<acc_t>();
+  const acc_t alpha = st.alpha;
+  int64_t j = lo;
+  for (; j + kLanes <= hi; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t s = greedy_score(alpha, ti[j + l], red[j + l]);
+      score[j + l] = s;
+      const acc_t candidate = available[j + l] ? s : minus_infinity<acc_t>();
+      lane_best[l] = candidate > lane_best[l] ? candidate : lane_best[l];
+    }
+  }
+  for (; j < hi; ++j) {
+    const acc_t s = greedy_score(alpha, ti[j], red[j]);
+    score[j] = s;
+    const acc_t candidate = available[j] ? s : minus_infinity<acc_t>();
+    lane_best[0] = candidate > lane_best[0] ? candidate : lane_best[0];
+  }
+  acc_t best_score = lane_best[0];
+  for (int l = 1; l < kLanes; ++l) best_score = lane_best[l] > best_score ? lane_best[l] : best_score;
+  for (int64_t k = lo; k < hi; ++k) {
+    if (available[k] && score[k] == best_score) return Candidate<acc_t>{best_score, k};
+  }
+  return Candidate<acc_t>{minus_infinity<acc_t>(), -1};
+}
 
-template <typename acc_t>
-Candidate<acc_t> better_of(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
-  return beats(a.score, a.index, b.score, b.index) ? a : b;
+// The pass, once per accumulation type, each compiled for several instruction sets.
+EVOPRUNE_VECTOR_CLONES Candidate<float> greedy_pass(const PassState<float>& st, int64_t pick, int64_t lo, int64_t hi) {
+  return greedy_pass_body(st, pick, lo, hi);
+}
+EVOPRUNE_VECTOR_CLONES Candidate<double> greedy_pass(const PassState<double>& st, int64_t pick, int64_t lo,
+                                                     int64_t hi) {
+  return greedy_pass_body(st, pick, lo, hi);
 }
 
 // u[i] = m[i] / max(||m[i]||, 1e-6), the norm taken in float64 (section 2).
@@ -114,52 +210,21 @@ void select_sample_impl(const at::Tensor& metric, const at::Tensor& importance, 
   const std::vector<acc_t> ti = normalized_importances<acc_t>(importance, b, n, protect);
 
   const bool matrix = picks > 0 && use_similarity_matrix(n, picks, sizeof(acc_t));
-  const at::Tensor similarity_matrix = matrix ? at::mm(unit, unit.t()) : at::Tensor();
-  const acc_t* sim = matrix ? similarity_matrix.const_data_ptr<acc_t>() : nullptr;
+  OwnedMemory own_matrix;
+  acc_t* sim = matrix ? scratch<acc_t>(ScratchSlot::kSimilarity, size_t(n) * size_t(n), own_matrix) : nullptr;
+  if (matrix) {
+    at::Tensor similarity_matrix = at::from_blob(sim, {n, n}, unit.options());
+    at::mm_out(similarity_matrix, unit, unit.t());
+  }
 
   std::vector<acc_t> red(n, acc_t(-1));
   std::vector<int32_t> owner(n, -1);  // N < 2^31 is checked by select_sample
   std::vector<acc_t> score(n);
-  std::vector<uint8_t> available(n, 0);
+  std::vector<int32_t> available(n, 0);
   std::fill(available.begin() + protect, available.end(), 1);
-
-  // One greedy pass over tokens [lo, hi): fold `pick` (if any) into red/owner and score every
-  // token (branch-free, so the compiler vectorizes it), then return the best available candidate
-  // of the range: the highest score, the lowest index among equals (math.h's `beats` order).
-  // Protected tokens are skipped: they own nothing and are never picked.
-  auto pass = [&](int64_t pick, int64_t lo, int64_t hi) {
-    if (pick >= 0) {  // not "row != nullptr": an empty metric (Dm = 0) has no data pointer
-      const int32_t picked = static_cast<int32_t>(pick);
-      if (matrix) {
-        // sim is symmetric up to rounding; reading the pick's row keeps the access contiguous.
-        const acc_t* row = sim + pick * n;
-        for (int64_t j = lo; j < hi; ++j) {
-          const bool take = takes_ownership(row[j], red[j]);
-          red[j] = take ? row[j] : red[j];
-          owner[j] = take ? picked : owner[j];
-        }
-      } else {
-        const acc_t* pick_unit = u + pick * dm;
-        for (int64_t j = lo; j < hi; ++j) {
-          const acc_t s = dot(u + j * dm, pick_unit, dm);
-          if (takes_ownership(s, red[j])) {
-            red[j] = s;
-            owner[j] = picked;
-          }
-        }
-      }
-    }
-    acc_t best_score = minus_infinity<acc_t>();
-    for (int64_t j = lo; j < hi; ++j) {
-      score[j] = greedy_score(alpha, ti[j], red[j]);
-      const acc_t candidate = available[j] ? score[j] : minus_infinity<acc_t>();
-      best_score = candidate > best_score ? candidate : best_score;
-    }
-    for (int64_t j = lo; j < hi; ++j) {
-      if (available[j] && score[j] == best_score) return Candidate<acc_t>{best_score, j};
-    }
-    return Candidate<acc_t>{minus_infinity<acc_t>(), -1};
-  };
+  // Protected tokens are skipped by every pass: they own nothing and are never picked.
+  const PassState<acc_t> state{sim, u, n, dm, alpha, ti.data(), available.data(), red.data(), owner.data(), score.data()};
+  auto pass = [&](int64_t pick, int64_t lo, int64_t hi) { return greedy_pass(state, pick, lo, hi); };
   const int64_t grain = std::max<int64_t>(1, kPassWorkPerChunk / (matrix ? 1 : std::max<int64_t>(dm, 1)));
   auto parallel_pass = [&](int64_t pick) {
     return at::parallel_reduce(protect, n, grain, Candidate<acc_t>{minus_infinity<acc_t>(), -1},
