@@ -8,9 +8,8 @@
 // inside the pass: O(K'*N*Dm) work and no memory beyond O(N*Dm).
 // Threading: ops run samples in parallel; a pass over a large sample is split across threads
 // (at::parallel_reduce), which is a no-op when already inside a parallel sample loop.
-// Vectorization: the pass is compiled for AVX-512, AVX2 and the baseline (GCC/Clang target_clones,
-// picked once at load time by the CPU); the build rounds every product and sum on its own
-// (-ffp-contract=off), so all three compute bit for bit the same floats.
+// Vectorization: the pass is compiled for AVX-512, AVX2 and the baseline (vectorize.h); all
+// three compute bit for bit the same floats.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,6 +24,7 @@
 #include "../math.h"
 #include "kernels.h"
 #include "scratch.h"
+#include "vectorize.h"
 
 namespace evoprune::cpu {
 namespace {
@@ -69,12 +69,6 @@ struct PassState {
   int32_t* owner;
   acc_t* score;
 };
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && defined(__linux__)
-#define EVOPRUNE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define EVOPRUNE_VECTOR_CLONES
-#endif
 
 template <typename acc_t>
 inline __attribute__((always_inline)) acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
