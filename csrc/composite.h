@@ -1,6 +1,6 @@
-// Host code both backends share: the accumulation dtype, and `importance_from_qk`, which is a
-// composition of ATen ops (batched GEMM, softmax, sums) that is already the fastest form on
-// either device, so csrc/cpu/importance.cpp and csrc/cuda/importance.cu both register it.
+// Host code both backends share: the accumulation dtype, and `importance_from_qk` as a
+// composition of ATen ops (batched GEMM, softmax, sums), which csrc/cuda/importance.cu registers
+// (the CPU has a kernel of its own that keeps each block of logits in cache: cpu/importance.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

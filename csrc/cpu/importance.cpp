@@ -4,7 +4,13 @@
 // each sample are split into ranges of kRowsPerSplit; threads take (sample, range) units, each
 // summing its rows into its own N sums, which are then added in range order (deterministic).
 // Extra memory: B * ceil(H*Q / kRowsPerSplit) * N accumulation values.
-// importance_from_qk: the blocked ATen composition of csrc/composite.cpp, shared with CUDA.
+// importance_from_qk: per (sample, head, block of query rows), one GEMM of the block's scaled
+// logits into per-thread scratch that stays in cache (kLogitValues), then the row softmax in place
+// (max, exp, sum: ATen's vectorized kernels) and its column sums as one GEMV weighted by the rows'
+// 1/sum. Threads take the (sample, head, block) units, each with its own column sums, added in unit
+// order (deterministic). At SigLIP's shape ([1,16,729,72], one thread) 16 ms against 56 ms for
+// materializing the softmax whole (csrc/composite.cpp, which CUDA keeps) and 24 ms for the
+// attention itself (SDPA).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,12 +22,15 @@
 #include "../checks.h"
 #include "../composite.h"
 #include "kernels.h"
+#include "scratch.h"
 
 namespace evoprune::cpu {
 namespace {
 
 // Attention rows (head, query pairs) per work unit of `importance`.
 constexpr int64_t kRowsPerSplit = 256;
+// Logits per block of `importance_from_qk` (1 MiB in float32: a block stays in L2 from GEMM to sums).
+constexpr int64_t kLogitValues = int64_t(1) << 18;
 
 template <typename scalar_t>
 void attention_importance_impl(const at::Tensor& attn, at::Tensor& importance) {
@@ -66,7 +75,36 @@ at::Tensor importance_cpu(const at::Tensor& attn) {
 
 at::Tensor importance_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, double scale) {
   check_qk(q, k, scale);
-  return importance_from_qk_blocked(q, k, scale);
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), n = k.size(2);
+  const at::ScalarType acc = accumulate_type(q.scalar_type());
+  at::Tensor importance = at::zeros({batch, n}, q.options().dtype(acc));
+  if (batch == 0 || heads == 0 || queries == 0 || n == 0) return importance.to(at::kFloat);
+  const at::Tensor queries_acc = q.to(acc), keys_acc = k.to(acc);
+  const int64_t rows_per_block = std::clamp<int64_t>(kLogitValues / n, 1, queries);
+  const int64_t blocks = (queries + rows_per_block - 1) / rows_per_block;
+  const int64_t units = batch * heads * blocks;
+  at::Tensor partial = at::zeros({units, n}, importance.options());
+  at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t unit = lo; unit < hi; ++unit) {
+      const int64_t b = unit / (heads * blocks), h = unit / blocks % heads, r0 = unit % blocks * rows_per_block;
+      const int64_t rows = std::min(rows_per_block, queries - r0);
+      OwnedMemory own_logits;
+      AT_DISPATCH_FLOATING_TYPES(acc, "evoprune_importance_from_qk", [&] {
+        scalar_t* data = scratch<scalar_t>(ScratchSlot::kLogits, size_t(rows) * size_t(n), own_logits);
+        at::Tensor logits = at::from_blob(data, {rows, n}, importance.options());
+        // beta = 0: the scratch's old values are not read; the scale rides in the GEMM.
+        at::addmm_out(logits, logits, queries_acc[b][h].narrow(0, r0, rows), keys_acc[b][h].t(), /*beta=*/0,
+                      /*alpha=*/scale);
+        logits.sub_(logits.amax(1, /*keepdim=*/true)).exp_();
+        const at::Tensor inverse_sums = logits.sum(1).reciprocal_();
+        at::Tensor sums = partial[unit];
+        at::addmv_out(sums, sums, logits.t(), inverse_sums);
+      });
+    }
+  });
+  // The units are added in a fixed order, so the result does not depend on the threads.
+  importance.copy_(partial.view({batch, heads * blocks, n}).sum(1));
+  return importance.div_(static_cast<double>(heads * queries)).to(at::kFloat);
 }
 
 }  // namespace

@@ -21,7 +21,7 @@
 
 namespace evoprune::cpu {
 
-enum class ScratchSlot { kSimilarity = 0, kMergeSums = 1 };
+enum class ScratchSlot { kSimilarity = 0, kMergeSums = 1, kLogits = 2 };
 
 constexpr size_t kRetainedScratchBytes = size_t(32) << 20;
 
@@ -48,7 +48,7 @@ T* scratch(ScratchSlot slot, size_t count, OwnedMemory& fallback) {
   struct alignas(64) Line {
     std::byte bytes[64];
   };
-  thread_local std::vector<Line> buffers[2];
+  thread_local std::vector<Line> buffers[3];
   std::vector<Line>& buffer = buffers[static_cast<int>(slot)];
   const size_t lines = (bytes + sizeof(Line) - 1) / sizeof(Line);
   if (buffer.size() < lines) buffer.resize(lines);
