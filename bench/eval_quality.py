@@ -1,6 +1,6 @@
 """Accuracy against retention: EvoPrune (several alphas and schedules) and its peers inside a trained ViT.
 
-Untrained weights say nothing about accuracy, so this trains (once, reproducibly, about 8 minutes on a
+Untrained weights say nothing about accuracy, so this trains (once, reproducibly, 9-14 minutes on a
 2-core CPU) a small Hugging Face `CLIPVisionModel` with a linear head on its pooled CLS output, on a task
 made from scikit-learn's digits where which tokens survive decides the answer even at 50% retention. A 64x64
 canvas is an 8x8 grid of one-patch cells: five digits of different classes, one large (upscaled to 16x16, on
@@ -21,8 +21,8 @@ the product's own harness, `evoprune_ext.patch`: EvoPrune with its ops, each pee
 `step=` at the same layers and the same token counts. Writes quality.json, quality.md and quality.png to
 --out, prints the markdown table and the defaults of alpha and schedule that the results recommend.
 
-    python bench/eval_quality.py            # evaluate the saved model (about 5 minutes)
-    python bench/eval_quality.py --retrain  # train it again first (about 8 minutes more)
+    python bench/eval_quality.py            # evaluate the saved model (about 7 minutes)
+    python bench/eval_quality.py --retrain  # train it again first (9-14 minutes more)
     python bench/eval_quality.py --smoke    # seconds: a tiny grid, for the tests
 """
 
