@@ -1,27 +1,34 @@
 """Accuracy against retention: EvoPrune (several alphas and schedules) and its peers inside a trained ViT.
 
-Untrained weights say nothing about accuracy, so this trains (once, reproducibly, about 5 minutes on a
+Untrained weights say nothing about accuracy, so this trains (once, reproducibly, 9-14 minutes on a
 2-core CPU) a small Hugging Face `CLIPVisionModel` with a linear head on its pooled CLS output, on a task
-made from scikit-learn's digits: three digits of different classes (8x8, upscaled to 16x16, each on 2x2
-patches of the 8x8 patch grid) at random non-overlapping places on a 64x64 canvas with light noise; the
-model names the set of digits (10 sigmoid outputs, its top 3 must be exactly the three digits). That is 64
-patches + CLS, of which 52 show only background, so which tokens survive pruning decides the answer. The
-digits of training and test canvases come from disjoint parts of the dataset.
+made from scikit-learn's digits where which tokens survive decides the answer even at 50% retention. A 64x64
+canvas is an 8x8 grid of one-patch cells: five digits of different classes, one large (upscaled to 16x16, on
+2x2 patches) and four small (8x8, each on a single patch), and 20 patches of clutter (two random straight
+strokes each, as bright as a digit's ink) at random free cells, all over light noise. The model names the set
+of digits (10 sigmoid outputs, its top 5 must be exactly the five digits; chance is 1 in 252). Of the 64
+patches + CLS, 28 carry ink and only 8 carry a digit; a small digit lives in one token, so a method that drops
+it (or merges it into clutter) loses the answer, and clutter competes with the digits for the kept places by
+diversity (it is as unlike the background as a digit) though attention can learn to ignore it. The digits of
+training and test canvases come from disjoint parts of the dataset.
+
+Every accuracy comes with its 95% Wilson interval on the TEST_IMAGES canvases, and every method's difference
+to the chosen EvoPrune with a paired 95% interval (same images). The defaults of alpha and schedule change only
+when the current one is worse than the best beyond that noise (`choose_defaults`).
 
 The weights and their config live in bench/quality_model/ (`--retrain` retrains). Every method runs through
 the product's own harness, `evoprune_ext.patch`: EvoPrune with its ops, each peer of bench/peers.py as a
 `step=` at the same layers and the same token counts. Writes quality.json, quality.md and quality.png to
 --out, prints the markdown table and the defaults of alpha and schedule that the results recommend.
 
-    python bench/eval_quality.py            # evaluate the saved model (a few minutes)
-    python bench/eval_quality.py --retrain  # train it again first (about 5 minutes more)
+    python bench/eval_quality.py            # evaluate the saved model (about 7 minutes)
+    python bench/eval_quality.py --retrain  # train it again first (9-14 minutes more)
     python bench/eval_quality.py --smoke    # seconds: a tiny grid, for the tests
 """
 
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,9 +46,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The task. Stored with the weights; evaluation reads it back from there.
 TASK = {
     "canvas": 64,
-    "digit_scale": 2,
-    "digits_per_image": 3,
     "grid": 8,
+    "large_digits": 1,
+    "large_scale": 2,
+    "small_digits": 4,
+    "clutter": 20,
+    "strokes_per_clutter": 2,
     "noise_std": 0.1,
     "split_seed": 0,
     "train_digit_share": 0.7,
@@ -59,11 +69,11 @@ MODEL = {
 }
 # One thread: the weights and accuracies are then bitwise reproducible whatever the core count, and on a
 # 2-core machine that other jobs share, one thread runs much faster than two that wait for each other.
-TRAINING = {"seed": 0, "steps": 900, "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "warmup": 50, "clip": 1.0,
+TRAINING = {"seed": 0, "steps": 1500, "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "warmup": 50, "clip": 1.0,
             "threads": 1}
 
 NUM_CLASSES = 10  # one sigmoid output per digit class
-TEST_IMAGES = 1000
+TEST_IMAGES = 2000
 RETENTIONS = [1.0, 0.75, 0.5, 0.25, 0.125]
 ALPHAS = [0.0, 0.1, 0.3, 0.5, 1.0]
 # Skip schedules in the wrapper's terms (evoprune_ext.encoder.default_layers): prune at layers first, first + every,
@@ -75,46 +85,73 @@ SCHEDULES = {
 }
 # The retentions whose accuracy picks the defaults: where pruning matters and methods differ.
 DECIDING = [0.5, 0.25, 0.125]
-# Mean accuracies closer than this (0.1 point) count as equal when choosing the defaults: about what one
-# evaluation's noise moves them on TEST_IMAGES canvases.
-TIE = 0.001
+# Confidence intervals are 95%: accuracies get Wilson intervals, differences between two settings on the same
+# images paired normal intervals; a default changes only on a difference whose interval excludes 0.
+Z = 1.959964
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
 def digit_pools(task: dict):
-    """Upscaled digit images [n, s, s] in [0, 1], their labels, and the train/test split of their indices."""
+    """Digit images [n, 8, 8] and their upscaled copies [n, 8s, 8s] in [0, 1], labels, train/test indices."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    images = F.interpolate(images[:, None], scale_factor=task["digit_scale"], mode="bilinear", align_corners=False)
+    large = F.interpolate(images[:, None], scale_factor=task["large_scale"], mode="bilinear", align_corners=False)
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(task["split_seed"]))
     cut = round(len(order) * task["train_digit_share"])
-    return images[:, 0], labels, order[:cut], order[cut:]
+    return images, large[:, 0], labels, order[:cut], order[cut:]
+
+
+def strokes(count: int, size: int, task: dict, gen: torch.Generator) -> torch.Tensor:
+    """`count` clutter patches [count, size, size]: a few straight strokes each, as bright as a digit's ink."""
+    per, points = task["strokes_per_clutter"], 2 * size
+    ends = torch.rand(count, per, 2, 2, generator=gen) * (size - 1)
+    t = torch.linspace(0, 1, points)[:, None]
+    pixels = (ends[:, :, :1] + (ends[:, :, 1:] - ends[:, :, :1]) * t).round().long()  # [count, per, points, 2]
+    ink = (0.6 + 0.4 * torch.rand(count, per, 1, generator=gen)).expand(-1, -1, points)
+    flat = (pixels[..., 0] * size + pixels[..., 1]).reshape(count, -1)
+    out = torch.zeros(count, size * size).scatter_reduce_(1, flat, ink.reshape(count, -1), reduce="amax")
+    return out.view(count, size, size)
 
 
 def compose(task: dict, pools, split: str, count: int, gen: torch.Generator):
-    """`count` canvases [count, 1, C, C] and their labels, multi-hot [count, 10] over the digit classes."""
-    images, labels, train_ids, test_ids = pools
+    """`count` canvases [count, 1, C, C] and their labels, multi-hot [count, 10] over the digit classes.
+
+    Each canvas is a grid of cells of one patch: `large_digits` digits of 2x2 cells, `small_digits` of one
+    cell, all of different classes, and `clutter` cells of strokes, at random free cells; the rest is noise.
+    """
+    small, large, labels, train_ids, test_ids = pools
     ids = train_ids if split == "train" else test_ids
-    size, canvas, per, grid = images.shape[-1], task["canvas"], task["digits_per_image"], task["grid"]
-    x = torch.randn(count, 1, canvas, canvas, generator=gen) * task["noise_std"]
+    cell, side = task["grid"], task["canvas"] // task["grid"]
+    n_large, n_small, n_clutter = task["large_digits"], task["small_digits"], task["clutter"]
+    span = task["large_scale"]
+    per = n_large + n_small
+    x = torch.randn(count, 1, task["canvas"], task["canvas"], generator=gen) * task["noise_std"]
     y = torch.zeros(count, 10)
+    clutter = strokes(count * n_clutter, cell, task, gen).view(count, n_clutter, cell, cell)
     for i in range(count):
         while True:
             chosen = ids[torch.randint(len(ids), (per,), generator=gen)]
             if len(set(labels[chosen].tolist())) == per:
                 break
-        corners = []
-        while len(corners) < per:
-            r, c = (torch.randint(0, (canvas - size) // grid + 1, (2,), generator=gen) * grid).tolist()
-            if all(abs(r - r0) >= size or abs(c - c0) >= size for r0, c0 in corners):
-                corners.append((r, c))
-        for (r, c), k in zip(corners, chosen.tolist()):
-            x[i, 0, r : r + size, c : c + size] += images[k]
+        free = torch.ones(side, side, dtype=torch.bool)
+        for k in chosen[:n_large].tolist():
+            while True:
+                r, c = torch.randint(0, side - span + 1, (2,), generator=gen).tolist()
+                if free[r : r + span, c : c + span].all():
+                    break
+            free[r : r + span, c : c + span] = False
+            x[i, 0, r * cell : (r + span) * cell, c * cell : (c + span) * cell] += large[k]
+        cells = free.flatten().nonzero()[:, 0]
+        cells = cells[torch.randperm(len(cells), generator=gen)[: n_small + n_clutter]].tolist()
+        patches = [small[k] for k in chosen[n_large:].tolist()] + list(clutter[i])
+        for where, patch in zip(cells, patches):
+            r, c = divmod(where, side)
+            x[i, 0, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] += patch
         y[i, labels[chosen]] = 1.0
     return x, y
 
@@ -208,24 +245,37 @@ def test_set(task: dict, count: int):
 
 
 @torch.inference_mode()
-def accuracy(model: DigitSet, x, y, batch: int = 500) -> float:
-    """Share of images whose 3 highest logits are exactly their 3 digits."""
+def hits(model: DigitSet, x, y, batch: int = 500) -> torch.Tensor:
+    """Per test image (bool [n]): are its highest logits exactly its digits?"""
     per = int(y[0].sum().item())
-    hits = sum(correct(model(x[i : i + batch]), y[i : i + batch], per).sum().item() for i in range(0, len(y), batch))
-    return hits / len(y)
+    return torch.cat([correct(model(x[i : i + batch]), y[i : i + batch], per) for i in range(0, len(y), batch)])
 
 
-def evaluate(model: DigitSet, x, y, *, retention: float, layers, alpha=None, step=None) -> float:
-    """Accuracy with the tower patched by `evoprune_ext.patch` (unpatched at retention 1)."""
+def evaluate(model: DigitSet, x, y, *, retention: float, layers, alpha=None, step=None) -> torch.Tensor:
+    """`hits` with the tower patched by `evoprune_ext.patch` (unpatched at retention 1)."""
     import evoprune_ext
 
     if retention >= 1.0:
-        return accuracy(model, x, y)
+        return hits(model, x, y)
     evoprune_ext.patch(model.vision, keep_ratio=retention, layers=layers, alpha=alpha, step=step)
     try:
-        return accuracy(model, x, y)
+        return hits(model, x, y)
     finally:
         evoprune_ext.unpatch(model.vision)
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    p, z2 = successes / n, Z**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of a - b over the same images and its 95% half-width (normal approximation, paired)."""
+    d = a.double() - b.double()
+    return d.mean().item(), Z * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
 
 
 def schedule_layers(num_layers: int, first: int, every: int, steps: int) -> list[int]:
@@ -265,88 +315,150 @@ def evoprune_name(alpha: float) -> str:
     return f"evoprune a={alpha:g}"
 
 
-def run(model, x, y, *, retentions, methods, schedules, log=print) -> list[dict]:
-    """Accuracy of every method (name -> patch kwargs) at every schedule and retention below 1."""
-    rows = []
+def run(model, x, y, *, retentions, methods, schedules, log=print) -> tuple[list[dict], dict]:
+    """Accuracy of every method (name -> patch kwargs) at every schedule and retention below 1.
+
+    Returns the rows (accuracy and its 95% Wilson interval) and the per-image hits by (method, schedule,
+    retention), for paired comparisons on the same images."""
+    rows, per_image = [], {}
     for schedule, layers in schedules.items():
         for name, kwargs in methods.items():
             start = time.perf_counter()
             for r in retentions:
                 if r < 1.0:
-                    acc = evaluate(model, x, y, retention=r, layers=layers, **kwargs)
-                    rows.append({"method": name, "alpha": kwargs.get("alpha"), "schedule": schedule, "layers": layers,
-                                 "retention": r, "accuracy": acc})
+                    h = evaluate(model, x, y, retention=r, layers=layers, **kwargs)
+                    per_image[name, schedule, r] = h
+                    rows.append(row(name, kwargs.get("alpha"), schedule, layers, r, h))
             if log:
-                accs = " ".join(f"{row['accuracy']:.3f}" for row in rows if row["method"] == name
-                                and row["schedule"] == schedule)
+                accs = " ".join(f"{row_['accuracy']:.3f}" for row_ in rows if row_["method"] == name
+                                and row_["schedule"] == schedule)
                 log(f"  {schedule:28s} {name:16s} {accs}  ({time.perf_counter() - start:.1f} s)")
-    return rows
+    return rows, per_image
 
 
-def lookup(rows, method, schedule, retention):
+def row(method, alpha, schedule, layers, retention, h: torch.Tensor) -> dict:
+    low, high = wilson(int(h.sum()), len(h))
+    return {"method": method, "alpha": alpha, "schedule": schedule, "layers": layers, "retention": retention,
+            "accuracy": h.float().mean().item(), "ci95": [low, high], "hits": int(h.sum()), "images": len(h)}
+
+
+def lookup(rows, method, schedule, retention, key="accuracy"):
     if retention >= 1.0:
-        return next(r["accuracy"] for r in rows if r["method"] == "unpruned")
-    return next(r["accuracy"] for r in rows
+        return next(r[key] for r in rows if r["method"] == "unpruned")
+    return next(r[key] for r in rows
                 if r["method"] == method and r["schedule"] == schedule and r["retention"] == retention)
 
 
-def mean_accuracy(rows, method, schedules, retentions) -> float:
-    return statistics.mean(lookup(rows, method, s, r) for s in schedules for r in retentions)
+def per_image_mean(per_image, method, schedules, retentions) -> torch.Tensor:
+    """Per test image, the share of (schedule, retention) settings in which `method` gets it right."""
+    return torch.stack([per_image[method, s, r].double() for s in schedules for r in retentions]).mean(0)
 
 
-def choose_defaults(rows, alphas, schedules, model_config) -> dict:
-    """EvoPrune's defaults from the DECIDING retentions; accuracies within TIE count as equal.
+def equal_to_best(scores: dict) -> tuple[object, dict]:
+    """The key of the best mean score and, for every key, (mean, paired difference to the best, its half-width,
+    whether the difference is inside the noise: its 95% interval contains 0)."""
+    best = max(scores, key=lambda k: scores[k].mean().item())
+    out = {}
+    for k, s in scores.items():
+        diff, half = paired(s, scores[best])
+        out[k] = {"mean": s.mean().item(), "diff": diff, "half": half, "tied": k == best or diff + half >= 0}
+    return best, out
 
-    alpha: the best mean accuracy over every schedule (a default must hold whatever schedule a user picks);
-    among equals the largest alpha, because importance costs nothing here and real encoders' attention carries
-    more signal than this task needs. schedule: the best mean at that alpha; among equals the cheapest in FLOPs."""
-    deciding = [r for r in DECIDING if any(row["retention"] == r for row in rows)]
-    by_alpha = {a: mean_accuracy(rows, evoprune_name(a), schedules, deciding) for a in alphas}
-    best = max(by_alpha.values())
-    alpha = max(a for a, v in by_alpha.items() if v >= best - TIE)
-    by_schedule = {s: mean_accuracy(rows, evoprune_name(alpha), [s], deciding) for s in schedules}
-    best_schedule = max(by_schedule.values())
-    equal = [s for s, v in by_schedule.items() if v >= best_schedule - TIE]
-    schedule = min(equal, key=lambda s: schedule_flops(model_config, schedules[s], min(deciding)))
-    pick = "the cheapest of those" if len(equal) > 1 else "the only one"
-    reason = (f"alpha={alpha:g}: mean accuracy over all schedules at retentions "
-              f"{', '.join(f'{100 * r:g}%' for r in deciding)} is "
-              + ", ".join(f"{100 * v:.2f}% (a={a:g})" for a, v in by_alpha.items())
-              + f"; the largest alpha within {100 * TIE:g} point of the best. Schedule '{schedule}' "
-              f"{schedules[schedule]}: at alpha={alpha:g} "
-              + ", ".join(f"{100 * v:.2f}% ({s})" for s, v in by_schedule.items())
-              + f"; {pick} within {100 * TIE:g} point of the best.")
+
+def choose_defaults(per_image, alphas, schedules, model_config, deciding) -> dict:
+    """EvoPrune's defaults from the `deciding` retentions, changed only on a difference outside the noise.
+
+    alpha: the per-image accuracy averaged over every schedule (a default must hold whatever schedule a user
+    picks) and the deciding retentions; the alphas whose paired difference to the best has a 95% interval
+    containing 0 count as equal to it. The current default stays if it is among them; otherwise the largest of
+    them, because importance costs nothing here and real encoders' attention carries more signal than this
+    task needs. schedule: the same at the chosen alpha; the current default stays if equal to the best,
+    otherwise the cheapest in FLOPs of the equals."""
+    from evoprune_ext.defaults import DEFAULT_ALPHA
+
+    best_alpha, by_alpha = equal_to_best({a: per_image_mean(per_image, evoprune_name(a), schedules, deciding)
+                                          for a in alphas})
+    tied = [a for a in alphas if by_alpha[a]["tied"]]
+    alpha = DEFAULT_ALPHA if DEFAULT_ALPHA in tied else max(tied)
+    best_schedule, by_schedule = equal_to_best({s: per_image_mean(per_image, evoprune_name(alpha), [s], deciding)
+                                                for s in schedules})
+    equal = [s for s in schedules if by_schedule[s]["tied"]]
+    current = next(s for s in schedules if "default" in s)
+    schedule = current if current in equal else min(
+        equal, key=lambda s: schedule_flops(model_config, schedules[s], min(deciding)))
+
+    def listing(table, name):
+        return ", ".join(f"{100 * v['mean']:.2f}% ({name(k)}" + ("" if v["diff"] == 0 and v["half"] == 0 else
+                         f"; {100 * v['diff']:+.2f} +- {100 * v['half']:.2f} to the best") + ")"
+                         for k, v in table.items())
+
+    kept_alpha = "the current default, kept" if alpha == DEFAULT_ALPHA else (
+        "the current default is worse than the best beyond the noise; the largest alpha equal to the best")
+    kept_schedule = "the current default, kept" if schedule == current else (
+        "the current default is worse beyond the noise; the cheapest schedule equal to the best")
+    reason = (f"alpha={alpha:g} ({kept_alpha}): mean accuracy over all schedules at retentions "
+              f"{', '.join(f'{100 * r:g}%' for r in deciding)}: "
+              + listing(by_alpha, lambda a: f"a={a:g}")
+              + f"; equal to the best a={best_alpha:g} (paired 95% interval containing 0): "
+              + ", ".join(f"{a:g}" for a in tied)
+              + f". Schedule '{schedule}' {schedules[schedule]} ({kept_schedule}): at alpha={alpha:g} "
+              + listing(by_schedule, str) + f"; equal to the best: {', '.join(equal)}.")
     return {"alpha": alpha, "schedule": schedule, "layers": schedules[schedule], "deciding_retentions": deciding,
-            "by_alpha": by_alpha, "by_schedule": by_schedule, "reason": reason}
+            "by_alpha": {str(a): v for a, v in by_alpha.items()}, "by_schedule": by_schedule, "reason": reason}
 
 
-def _cells(values) -> str:
-    return " | ".join(f"{100 * v:.1f}" for v in values)
+def _cell(rows, name, schedule, r) -> str:
+    low, high = lookup(rows, name, schedule, r, "ci95")
+    return f"{100 * lookup(rows, name, schedule, r):.1f} ({100 * low:.1f}-{100 * high:.1f})"
 
 
-def markdown(rows, retentions, schedules, peer_schedules, peers, alphas, chosen, test_images) -> str:
-    """Methods vs retention at each schedule the peers ran at, then EvoPrune's alpha x schedule table."""
+def markdown(rows, per_image, retentions, schedules, peer_schedules, peers, alphas, chosen, task, count) -> str:
+    """Methods vs retention (with 95% intervals) at each schedule the peers ran at, every method's paired
+    difference to the chosen EvoPrune, then EvoPrune's alpha x schedule table."""
     head = ("| method | " + " | ".join(f"{100 * r:g}%" for r in retentions) + " |\n|---|"
             + "---|" * len(retentions) + "\n")
-    baseline = lookup(rows, "unpruned", None, 1.0)
-    out = [f"Exact-set accuracy (%) on {test_images} test canvases (3 digits on 64x64, 64 patches + CLS), "
-           f"unpruned {100 * baseline:.1f}%.\n"]
+    baseline, (low, high) = lookup(rows, "unpruned", None, 1.0), lookup(rows, "unpruned", None, 1.0, "ci95")
+    digits = task["large_digits"] + task["small_digits"]
+    out = [f"Exact-set accuracy (%) on {count} test canvases ({digits} digits of different classes, "
+           f"{task['large_digits']} on 2x2 patches and {task['small_digits']} on one patch each, among "
+           f"{task['clutter']} patches of clutter strokes; 64x64, 64 patches + CLS), unpruned "
+           f"{100 * baseline:.1f}% ({100 * low:.1f}-{100 * high:.1f}); chance is 1 in 252. In brackets: the 95% "
+           f"Wilson interval.\n"]
+    names = [evoprune_name(a) for a in alphas] + list(peers)
+    chosen_name = evoprune_name(chosen["alpha"])
+    pruned = [r for r in retentions if r < 1.0]
     for schedule in peer_schedules:
         out.append(f"\nPruning at layers {schedules[schedule]} of 6 ({schedule}):\n\n{head}")
-        for name in [evoprune_name(a) for a in alphas] + list(peers):
-            mark = " **(chosen)**" if name == evoprune_name(chosen["alpha"]) and schedule == chosen["schedule"] else ""
-            out.append(f"| {name}{mark} | {_cells(lookup(rows, name, schedule, r) for r in retentions)} |\n")
+        for name in names:
+            mark = " **(chosen)**" if name == chosen_name and schedule == chosen["schedule"] else ""
+            out.append(f"| {name}{mark} | " + " | ".join(_cell(rows, name, schedule, r) for r in retentions)
+                       + " |\n")
+    schedule = chosen["schedule"]
+    out.append(f"\nDifference to {chosen_name} at {schedule} {schedules[schedule]}, in points, on the same "
+               f"images (paired; +- the 95% half-width; bold: outside the noise):\n\n| method | "
+               + " | ".join(f"{100 * r:g}%" for r in pruned) + " |\n|---|" + "---|" * len(pruned) + "\n")
+    for name in names:
+        if name == chosen_name:
+            continue
+        cells = []
+        for r in pruned:
+            diff, half = paired(per_image[name, schedule, r], per_image[chosen_name, schedule, r])
+            text = f"{100 * diff:+.1f} +- {100 * half:.1f}"
+            cells.append(f"**{text}**" if abs(diff) > half else text)
+        out.append(f"| {name} | {' | '.join(cells)} |\n")
     deciding = ", ".join(f"{100 * r:g}%" for r in chosen["deciding_retentions"])
     out.append(f"\nEvoPrune, mean accuracy at {deciding} retention, by schedule and alpha:\n\n")
     out.append("| schedule | layers | " + " | ".join(f"a={a:g}" for a in alphas) + " |\n|---|---|"
                + "---|" * len(alphas) + "\n")
     for s, layers in schedules.items():
-        means = (mean_accuracy(rows, evoprune_name(a), [s], chosen["deciding_retentions"]) for a in alphas)
-        out.append(f"| {s} | {layers} | {_cells(means)} |\n")
+        means = (per_image_mean(per_image, evoprune_name(a), [s], chosen["deciding_retentions"]).mean().item()
+                 for a in alphas)
+        out.append(f"| {s} | {layers} | " + " | ".join(f"{100 * v:.1f}" for v in means) + " |\n")
+    out.append(f"\nDefaults: {chosen['reason']}\n")
     return "".join(out)
 
 
-def plot(rows, retentions, schedules, peers, alphas, chosen, path: Path) -> None:
+def plot(rows, per_image, retentions, schedules, peers, alphas, chosen, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,22 +467,29 @@ def plot(rows, retentions, schedules, peers, alphas, chosen, path: Path) -> None
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     schedule = chosen["schedule"]
     xs = [100 * r for r in retentions]
+
+    def curve(axis, name, **style):
+        acc = [100 * lookup(rows, name, schedule, r) for r in retentions]
+        ci = [lookup(rows, name, schedule, r, "ci95") for r in retentions]
+        err = [[a - 100 * lo for a, (lo, _) in zip(acc, ci)], [100 * hi - a for a, (_, hi) in zip(acc, ci)]]
+        axis.errorbar(xs, acc, yerr=err, capsize=3, **style)
+
     for a in alphas:
         picked = a == chosen["alpha"]
-        left.plot(xs, [100 * lookup(rows, evoprune_name(a), schedule, r) for r in retentions], marker="o",
-                  lw=2.5 if picked else 1, alpha=1 if picked else 0.5,
-                  label=evoprune_name(a) + (" (chosen)" if picked else ""))
+        curve(left, evoprune_name(a), marker="o", lw=2.5 if picked else 1, alpha=1 if picked else 0.5,
+              label=evoprune_name(a) + (" (chosen)" if picked else ""))
     for p in peers:
-        left.plot(xs, [100 * lookup(rows, p, schedule, r) for r in retentions], marker="s", ls="--", label=p)
+        curve(left, p, marker="s", ls="--", label=p)
     left.set_xscale("log", base=2)
     left.set_xticks(xs, [f"{x:g}%" for x in xs])
     left.set_xlabel("retention (final share of patch tokens)")
-    left.set_ylabel("exact-set test accuracy (%)")
+    left.set_ylabel("exact-set test accuracy (%), 95% interval")
     left.set_title(f"pruning at layers {schedules[schedule]} of 6")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     for s, layers in schedules.items():
-        means = [100 * mean_accuracy(rows, evoprune_name(a), [s], chosen["deciding_retentions"]) for a in alphas]
+        means = [100 * per_image_mean(per_image, evoprune_name(a), [s], chosen["deciding_retentions"]).mean().item()
+                 for a in alphas]
         right.plot(alphas, means, marker="o", label=f"{s} {layers}")
     right.set_xlabel("alpha (weight of attention importance)")
     right.set_ylabel("mean accuracy (%) at " + ", ".join(f"{100 * r:g}%" for r in chosen["deciding_retentions"]))
@@ -414,37 +533,38 @@ def _main(argv) -> dict:
     retentions = [1.0, 0.5, 0.125] if args.smoke else RETENTIONS
     alphas = [ALPHAS[1]] if args.smoke else ALPHAS
     schedules = schedules_for(num_layers, smoke=args.smoke)
+    deciding = [r for r in DECIDING if r in retentions]
     peers = list(PEERS)
     x, y = test_set(task, count)
     start = time.perf_counter()
     print(f"accuracy at retentions {retentions} on {count} test canvases:")
-    rows = [{"method": "unpruned", "alpha": None, "schedule": None, "layers": [], "retention": 1.0,
-             "accuracy": accuracy(model, x, y)}]
-    rows += run(model, x, y, retentions=retentions, schedules=schedules,
-                methods={evoprune_name(a): {"alpha": a} for a in alphas})
-    chosen = choose_defaults(rows, alphas, schedules, config["model"])
+    rows = [row("unpruned", None, None, [], 1.0, hits(model, x, y))]
+    evo_rows, per_image = run(model, x, y, retentions=retentions, schedules=schedules,
+                              methods={evoprune_name(a): {"alpha": a} for a in alphas})
+    chosen = choose_defaults(per_image, alphas, schedules, config["model"], deciding)
     # The peers run at the chosen schedule and at the wrapper's current default: same layers, same counts.
     peer_schedules = {s: schedules[s] for s in schedules if s == chosen["schedule"] or "default" in s}
-    rows += run(model, x, y, retentions=retentions, schedules=peer_schedules,
-                methods={p: {"step": PEERS[p]} for p in peers})
+    peer_rows, peer_images = run(model, x, y, retentions=retentions, schedules=peer_schedules,
+                                 methods={p: {"step": PEERS[p]} for p in peers})
+    rows += evo_rows + peer_rows
+    per_image.update(peer_images)
     seconds = time.perf_counter() - start
 
-    table = markdown(rows, retentions, schedules, list(peer_schedules), peers, alphas, chosen, count)
+    table = markdown(rows, per_image, retentions, schedules, list(peer_schedules), peers, alphas, chosen, task,
+                     count)
     print()
     print(table)
     print(f"recommended defaults: alpha={chosen['alpha']:g}, schedule '{chosen['schedule']}' "
           f"(layers {chosen['layers']} of {num_layers}).")
-    print(f"why: {chosen['reason']}")
     print(f"evaluation: {len(rows)} settings on {count} test canvases in {seconds:.0f} s "
           f"(training took {config.get('train_seconds')} s)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"task": task, "model": config["model"], "train_seconds": config.get("train_seconds"),
-              "test_images": count, "eval_seconds": round(seconds, 1), "rows": rows,
-              "chosen": {k: v for k, v in chosen.items()}}
+              "test_images": count, "eval_seconds": round(seconds, 1), "rows": rows, "chosen": chosen}
     (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "quality.md").write_text(table)
-    plot(rows, retentions, schedules, peers, alphas, chosen, args.out / "quality.png")
+    plot(rows, per_image, retentions, schedules, peers, alphas, chosen, args.out / "quality.png")
     print(f"wrote {args.out / 'quality.json'}, quality.md, quality.png")
     return result
 
