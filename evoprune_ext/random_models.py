@@ -144,12 +144,13 @@ def qwen2_5_vl(*, tiny: bool = True, attention: str = "sdpa", seed: int = 0, tex
                                      vision["patch_size"])
 
 
-def qwen3_vl(*, attention: str = "sdpa", seed: int = 0):
+def qwen3_vl(*, attention: str = "sdpa", seed: int = 0, text: dict | None = None):
     """(Qwen3VLForConditionalGeneration, Qwen3VLProcessor or None) at a tiny shape: as `qwen2_5_vl`, with a
     6-block Qwen3-VL tower with two deepstack mergers (TINY_QWEN3_VISION). The processor is None where
-    torchvision does not import (transformers' Qwen3-VL video processor needs it)."""
+    torchvision does not import (transformers' Qwen3-VL video processor needs it). `text`: LM config arguments
+    that replace the tiny ones (as `qwen2_5_vl`'s)."""
     model, words = _qwen_vl(transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
-                            TINY_QWEN3_VISION, TINY_TEXT, attention=attention, seed=seed)
+                            TINY_QWEN3_VISION, dict(TINY_TEXT, **(text or {})), attention=attention, seed=seed)
     return model, _qwen_vl_processor(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", words, 2)
 
 

@@ -11,6 +11,7 @@ __all__ = ["ARCHITECTURES", "register"]
 
 ARCHITECTURES = {
     "EvoPruneQwen2_5_VLForConditionalGeneration": "evoprune_ext.vllm.qwen2_5_vl:EvoPruneQwen2_5_VLForConditionalGeneration",
+    "EvoPruneQwen3VLForConditionalGeneration": "evoprune_ext.vllm.qwen3_vl:EvoPruneQwen3VLForConditionalGeneration",
 }
 
 

@@ -16,10 +16,8 @@ Three pieces, each a subclass of vLLM's own:
 from dataclasses import replace
 from functools import partial
 
-import numpy as np
 import torch
 from torch import Tensor
-from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VisionTransformer,
     Qwen2_5_VLDummyInputsBuilder,
@@ -36,19 +34,16 @@ from evoprune_ext.packed_tower import (
     WindowUnits,
     frame_units,
     kept_units,
-    patch_tower,
-    prune_after_attention,
+)
+from evoprune_ext.vllm.qwen_vl import (
+    EvoPruneQwenVL,
+    _attention_metadata,
+    _block_then_prune,
+    _mrope_positions,
+    evoprune_options,
 )
 
 __all__ = ["EvoPruneQwen2_5_VLForConditionalGeneration", "EvoPruneQwen2_5_VLMultiModalProcessor", "evoprune_options"]
-
-
-def evoprune_options(config) -> dict:
-    """The "evoprune" entry of the model's hf_overrides: keep_ratio (required), layers, alpha."""
-    options = dict(getattr(config, "evoprune", None) or {})
-    if "keep_ratio" not in options:
-        raise ValueError('EvoPrune models need hf_overrides={"evoprune": {"keep_ratio": ...}}')
-    return options
 
 
 class EvoPruneQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
@@ -64,45 +59,6 @@ class EvoPruneQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         return [replace(update, replacement=partial(kept, modality=update.modality, unpruned=update.replacement))
                 for update in updates]
-
-
-def _rotary(block):
-    """vLLM's vision rotary embedding (neox style on half-width cos, sin) as `apply_rotary(q, k, cos, sin)`."""
-    def apply(queries, keys, cos, sin):
-        rotated = block.attn.apply_rotary_emb(torch.stack([queries, keys]).contiguous(), cos, sin)
-        return rotated.unbind(0)
-    return apply
-
-
-def _block_then_prune(block, hidden: Tensor, units: WindowUnits, keep: list[int], alpha: float, **attention):
-    """Qwen2_5_VisionBlock.forward with a pruning step between its attention and its MLP; hidden is [tokens, 1, D]."""
-    captured = []
-    hook = block.attn.qkv.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
-    cos, sin = units.position_embeddings
-    try:
-        attended = block.attn(block.norm1(hidden), rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **attention)
-    finally:
-        hook.remove()
-    heads, head_dim = block.attn.num_attention_heads_per_partition, block.attn.hidden_size_per_attention_head
-    queries, keys, _ = captured[0].reshape(hidden.shape[0], 3, heads, head_dim).unbind(1)
-    hidden, units, _ = prune_after_attention(
-        (hidden + attended)[:, 0], queries, keys, units, keep, alpha, _rotary(block), head_dim**-0.5, []
-    )
-    hidden = hidden[:, None]
-    return hidden + block.mlp(block.norm2(hidden)), units
-
-
-def _attention_metadata(tower, cu_seqlens: Tensor) -> dict:
-    """What vLLM's encoder attention needs of segments `cu_seqlens` (as prepare_encoder_metadata builds it)."""
-    offsets = cu_seqlens.cpu().numpy()
-    return dict(
-        cu_seqlens=MMEncoderAttention.maybe_recompute_cu_seqlens(
-            tower.attn_backend, offsets, tower.hidden_size, tower.tp_size, tower.device,
-            fp8_padded_hidden_size=tower.fp8_padded_hidden_size,
-        ),
-        max_seqlen=torch.tensor(MMEncoderAttention.compute_max_seqlen(tower.attn_backend, offsets), dtype=torch.int32),
-        sequence_lengths=MMEncoderAttention.maybe_compute_seq_lens(tower.attn_backend, offsets, tower.device),
-    )
 
 
 def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
@@ -137,7 +93,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
             cos, sin = units.position_embeddings
             hidden = block(hidden, rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **attention)
             continue
-        hidden, units = _block_then_prune(block, hidden, units, keeps[layer_num], state.alpha, **attention)
+        hidden, units, _ = _block_then_prune(block, hidden, units, keeps[layer_num], state.alpha, [], **attention)
         full = _attention_metadata(self, units.cu_seqlens())
         windowed = _attention_metadata(self, units.cu_window_seqlens())
 
@@ -145,59 +101,21 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     return self.merger(hidden)[torch.argsort(units.ids)]
 
 
-def _grid_positions(t: int, h: int, w: int, t_factor: float) -> np.ndarray:
-    """[3, t*h*w]: (t, h, w) of each unit of a grid of merge units, t scaled as get_mrope_input_positions does."""
-    positions = np.indices((t, h, w)).reshape(3, -1)
-    if t_factor != 1.0:
-        positions[0] = (positions[0] * t_factor).astype(np.int64)
-    return positions
-
-
-def _kept_positions(grid: list[int], kept: Tensor, t_factor: float) -> Tensor:
-    """[kept, 4]: the M-RoPE (t, h, w) of each kept unit relative to its block's start, as vLLM's
-    get_mrope_input_positions gives it unpruned, and the full grid's extent (where the text after it resumes)."""
-    t, h, w = grid
-    positions = _grid_positions(t, h // MERGE, w // MERGE, t_factor)
-    extent = positions.max() + 1
-    positions = torch.from_numpy(positions)[:, kept.cpu()]
-    return torch.cat([positions, torch.full_like(positions[:1], extent)]).T
-
-
 @MULTIMODAL_REGISTRY.register_processor(
     EvoPruneQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
-class EvoPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class EvoPruneQwen2_5_VLForConditionalGeneration(EvoPruneQwenVL, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL whose tower keeps `round(units * keep_ratio)` merge units of each frame."""
-
-    evoprune_prunes_positions = True  # the runner must recompute M-RoPE positions (evoprune_ext.vllm)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        options = evoprune_options(self.config)
-        if self.use_data_parallel:
-            raise NotImplementedError("EvoPrune's tower does not run data-parallel (mm_encoder_tp_mode='data')")
-        patch_tower(self.visual, Qwen2_5_VisionTransformer, _forward, keep_ratio=options["keep_ratio"],
-                    layers=options.get("layers"), alpha=options.get("alpha"))
-        # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.
-        self.is_multimodal_pruning_enabled = True
+        self._evoprune_patch(Qwen2_5_VisionTransformer, _forward)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
         """vLLM's positions, computed before the encoder, for blocks of the pruned counts: each frame's first units
         stand in until `recompute_mrope_positions` puts the kept ones in; text resumes after the full grid."""
-        keep_ratio = evoprune_options(self.config)["keep_ratio"]
-        pieces, start, position = [], 0, 0
-        for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features):
-            text = offset - start
-            pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
-            per_frame = kept_tokens(h * w, keep_ratio)
-            grid = _grid_positions(t, h, w, t_factor)
-            pieces.append(grid.reshape(3, t, h * w)[:, :, :per_frame].reshape(3, -1) + position + text)
-            position += text + grid.max() + 1
-            start = offset + t * per_frame
-        text = len(input_tokens) - start
-        pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
-        positions = np.concatenate(pieces, axis=1)
-        return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
+        return _mrope_positions(len(input_tokens), self.iter_mm_grid_thw(mm_features),
+                                evoprune_options(self.config)["keep_ratio"])
 
     def _process_image_input(self, image_input) -> tuple[Tensor, ...]:
         return self._evoprune_embeds("image", image_input, [1.0] * len(image_input["image_grid_thw"]))
@@ -208,21 +126,3 @@ class EvoPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         grid = video_input["video_grid_thw"]
         factors = [1.0] * len(grid) if seconds is None else [float(s) * per_second for s in seconds.tolist()]
         return self._evoprune_embeds("video", video_input, factors)
-
-    def _postprocess_image_embeds_evs(self, embeds, image_input):
-        return embeds  # positions were appended by _process_image_input
-
-    def _postprocess_video_embeds_evs(self, embeds, video_input):
-        return embeds
-
-    def _evoprune_embeds(self, modality: str, inputs, t_factors: list[float]) -> tuple[Tensor, ...]:
-        if inputs["type"] != f"pixel_values{'_videos' if modality == 'video' else ''}":
-            raise NotImplementedError(f"EvoPrune prunes inside the tower: {modality} embeddings cannot be pruned")
-        grid = inputs[f"{modality}_grid_thw"].tolist()
-        pixels = inputs["pixel_values_videos" if modality == "video" else "pixel_values"]
-        embeds = self.visual(pixels, grid_thw=grid)
-        kept = self.visual.evoprune_state.kept
-        return tuple(
-            torch.cat([rows, _kept_positions(size, units, factor).to(rows)], dim=1)
-            for rows, size, units, factor in zip(embeds.split([len(u) for u in kept]), grid, kept, t_factors)
-        )

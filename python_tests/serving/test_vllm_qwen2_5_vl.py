@@ -4,7 +4,7 @@ images, videos and several of each, and generation runs; chunked prefill and a w
 One engine at a time, each in a subprocess (vllm_engine.py)."""
 
 import pytest
-from vllm_engine import images, request, run_engine, videos
+from vllm_engine import images, request, run_engine, videos, visual_blocks
 
 from evoprune_ext import random_models
 
@@ -37,21 +37,6 @@ def runs(model_dir, tmp_path_factory) -> dict:
                           architecture=None if ratio is None else ARCHITECTURE)
         for ratio in RATIOS
     }
-
-
-def visual_blocks(prompt: list[int]) -> list[tuple[str, int]]:
-    """(placeholder, length) of each run of image or video placeholders."""
-    tokenizer = random_models.tokenizer()
-    names = {tokenizer.convert_tokens_to_ids(name): name for name in ("<|image_pad|>", "<|video_pad|>")}
-    blocks, previous = [], None
-    for token in prompt:
-        name = names.get(token)
-        if name is not None and name == previous:
-            blocks[-1] = (name, blocks[-1][1] + 1)
-        elif name is not None:
-            blocks.append((name, 1))
-        previous = name
-    return blocks
 
 
 def test_keep_ratio_one_is_vllm(runs):

@@ -5,7 +5,8 @@
 `run_engine` writes the job as JSON and runs this file on it (`python vllm_engine.py JOB.json OUT.json`) with `ENV`:
 .ci/vllm-site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache. Images and videos are random
 pixels made from a seed in the subprocess, so a job stays small and the same request gives the same pixels in
-every engine. Each result: {"prompt": token ids, "output": token ids}.
+every engine. Each result: {"prompt": token ids, "output": token ids}; `visual_blocks(prompt)` lists its runs of
+placeholders.
 """
 
 import json
@@ -39,6 +40,23 @@ def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str
                                    engine=engine or {})))
     subprocess.run([sys.executable, __file__, str(job), str(out)], env=ENV, check=True, timeout=900)
     return json.loads(out.read_text())
+
+
+def visual_blocks(prompt: list[int]) -> list[tuple[str, int]]:
+    """(placeholder, length) of each run of image or video placeholders."""
+    from evoprune_ext import random_models
+
+    tokenizer = random_models.tokenizer()
+    names = {tokenizer.convert_tokens_to_ids(name): name for name in ("<|image_pad|>", "<|video_pad|>")}
+    blocks, previous = [], None
+    for token in prompt:
+        name = names.get(token)
+        if name is not None and name == previous:
+            blocks[-1] = (name, blocks[-1][1] + 1)
+        elif name is not None:
+            blocks.append((name, 1))
+        previous = name
+    return blocks
 
 
 def images(count: int, seed: int) -> list:

@@ -1,0 +1,141 @@
+"""What vLLM's Qwen2.5-VL and Qwen3-VL plugins share (`qwen2_5_vl.py`, `qwen3_vl.py`): the options, a tower block
+with a pruning step after its attention (both towers' blocks use vLLM's `Qwen2_5_VisionAttention`), the M-RoPE
+positions of a prompt whose visual blocks hold the kept counts, and the model side (`EvoPruneQwenVL`): the tower's
+output split per image or video with each kept unit's position appended (4 channels: t, h, w relative to its
+block, and the block's extent), which `recompute_mrope_positions` strips off again."""
+
+import numpy as np
+import torch
+from torch import Tensor
+from vllm.model_executor.layers.attention import MMEncoderAttention
+
+from evoprune_ext.encoder import kept_tokens
+from evoprune_ext.packed_tower import MERGE, Units, patch_tower, prune_after_attention
+
+__all__ = ["EvoPruneQwenVL", "evoprune_options"]
+
+POSITION_CHANNELS = 4  # appended to each kept unit's features: t, h, w relative to its block, the block's extent
+
+
+def evoprune_options(config) -> dict:
+    """The "evoprune" entry of the model's hf_overrides: keep_ratio (required), layers, alpha."""
+    options = dict(getattr(config, "evoprune", None) or {})
+    if "keep_ratio" not in options:
+        raise ValueError('EvoPrune models need hf_overrides={"evoprune": {"keep_ratio": ...}}')
+    return options
+
+
+def _rotary(block):
+    """vLLM's vision rotary embedding (neox style on half-width cos, sin) as `apply_rotary(q, k, cos, sin)`."""
+    def apply(queries, keys, cos, sin):
+        rotated = block.attn.apply_rotary_emb(torch.stack([queries, keys]).contiguous(), cos, sin)
+        return rotated.unbind(0)
+    return apply
+
+
+def _block_then_prune(block, hidden: Tensor, units: Units, keep: list[int], alpha: float, carried: list[Tensor],
+                      **attention) -> tuple[Tensor, Units, list[Tensor]]:
+    """A vLLM vision block (`attn(norm1(x))`, then `mlp(norm2(x))`, each added to the residual) with a pruning step
+    between its attention and its MLP; hidden is [tokens, 1, D]. `carried`: earlier hidden states of the same
+    units (Qwen3-VL's deepstack inputs), pruned the same way. Returns (hidden, the units left, carried)."""
+    captured = []
+    hook = block.attn.qkv.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
+    cos, sin = units.position_embeddings
+    try:
+        attended = block.attn(block.norm1(hidden), rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **attention)
+    finally:
+        hook.remove()
+    heads, head_dim = block.attn.num_attention_heads_per_partition, block.attn.hidden_size_per_attention_head
+    queries, keys, _ = captured[0].reshape(hidden.shape[0], 3, heads, head_dim).unbind(1)
+    hidden, units, carried = prune_after_attention(
+        (hidden + attended)[:, 0], queries, keys, units, keep, alpha, _rotary(block), head_dim**-0.5, carried
+    )
+    hidden = hidden[:, None]
+    return hidden + block.mlp(block.norm2(hidden)), units, carried
+
+
+def _attention_metadata(tower, cu_seqlens: Tensor) -> dict:
+    """What vLLM's encoder attention needs of segments `cu_seqlens` (as prepare_encoder_metadata builds it)."""
+    offsets = cu_seqlens.cpu().numpy()
+    return dict(
+        cu_seqlens=MMEncoderAttention.maybe_recompute_cu_seqlens(
+            tower.attn_backend, offsets, tower.hidden_size, tower.tp_size, tower.device,
+            fp8_padded_hidden_size=tower.fp8_padded_hidden_size,
+        ),
+        max_seqlen=torch.tensor(MMEncoderAttention.compute_max_seqlen(tower.attn_backend, offsets), dtype=torch.int32),
+        sequence_lengths=MMEncoderAttention.maybe_compute_seq_lens(tower.attn_backend, offsets, tower.device),
+    )
+
+
+def _grid_positions(t: int, h: int, w: int, t_factor: float) -> np.ndarray:
+    """[3, t*h*w]: (t, h, w) of each unit of a grid of merge units, t scaled as get_mrope_input_positions does."""
+    positions = np.indices((t, h, w)).reshape(3, -1)
+    if t_factor != 1.0:
+        positions[0] = (positions[0] * t_factor).astype(np.int64)
+    return positions
+
+
+def _kept_positions(grid: list[int], kept: Tensor, t_factor: float) -> Tensor:
+    """[kept, 4]: the M-RoPE (t, h, w) of each kept unit relative to its block's start, as vLLM's
+    get_mrope_input_positions gives it unpruned, and the full grid's extent (where the text after it resumes)."""
+    t, h, w = grid
+    positions = _grid_positions(t, h // MERGE, w // MERGE, t_factor)
+    extent = positions.max() + 1
+    positions = torch.from_numpy(positions)[:, kept.cpu()]
+    return torch.cat([positions, torch.full_like(positions[:1], extent)]).T
+
+
+def _mrope_positions(length: int, blocks, keep_ratio: float) -> tuple[Tensor, int]:
+    """vLLM's M-RoPE positions of a prompt of `length` tokens whose visual blocks hold the pruned counts, and the
+    delta of the tokens after it. `blocks`: (offset of the first placeholder, t, h, w in merge units, t_factor) of
+    each block in prompt order; a block holds `t * round(h * w * keep_ratio)` placeholders. Each frame's first
+    units stand in until the runner recomputes the kept ones; text resumes after the full grid, as unpruned."""
+    pieces, start, position = [], 0, 0
+    for offset, t, h, w, t_factor in blocks:
+        text = offset - start
+        pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
+        per_frame = kept_tokens(h * w, keep_ratio)
+        grid = _grid_positions(t, h, w, t_factor)
+        pieces.append(grid.reshape(3, t, h * w)[:, :, :per_frame].reshape(3, -1) + position + text)
+        position += text + grid.max() + 1
+        start = offset + t * per_frame
+    text = length - start
+    pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
+    positions = np.concatenate(pieces, axis=1)
+    return torch.from_numpy(positions), int(positions.max() + 1 - length)
+
+
+class EvoPruneQwenVL:
+    """Mixed into vLLM's Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration: the tower's output
+    per image or video, each kept unit with its position appended (`_evoprune_embeds`, from the family's
+    `_process_*_input`)."""
+
+    evoprune_prunes_positions = True  # the runner must recompute M-RoPE positions (evoprune_ext.vllm)
+
+    def _evoprune_patch(self, tower: type, forward) -> None:
+        """Make the tower run `forward` with the options of hf_overrides["evoprune"]."""
+        options = evoprune_options(self.config)
+        if self.use_data_parallel:
+            raise NotImplementedError("EvoPrune's tower does not run data-parallel (mm_encoder_tp_mode='data')")
+        patch_tower(self.visual, tower, forward, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
+                    alpha=options.get("alpha"))
+        # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.
+        self.is_multimodal_pruning_enabled = True
+
+    def _postprocess_image_embeds_evs(self, embeds, image_input):
+        return embeds  # positions were appended by _process_image_input
+
+    def _postprocess_video_embeds_evs(self, embeds, video_input):
+        return embeds
+
+    def _evoprune_embeds(self, modality: str, inputs, t_factors: list[float]) -> tuple[Tensor, ...]:
+        if inputs["type"] != f"pixel_values{'_videos' if modality == 'video' else ''}":
+            raise NotImplementedError(f"EvoPrune prunes inside the tower: {modality} embeddings cannot be pruned")
+        grid = inputs[f"{modality}_grid_thw"].tolist()
+        pixels = inputs["pixel_values_videos" if modality == "video" else "pixel_values"]
+        embeds = self.visual(pixels, grid_thw=grid)
+        kept = self.visual.evoprune_state.kept
+        return tuple(
+            torch.cat([rows, _kept_positions(size, units, factor).to(rows)], dim=1)
+            for rows, size, units, factor in zip(embeds.split([len(u) for u in kept]), grid, kept, t_factors)
+        )
