@@ -5,9 +5,21 @@ of each, and generation runs; chunked prefill and a warm prefix cache change not
 One engine at a time, each in a subprocess (vllm_engine.py)."""
 
 import pytest
+import torch
+import transformers
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vllm.multimodal.inputs import (
+    MultiModalFeatureSpec,
+    MultiModalFieldConfig,
+    MultiModalFieldElem,
+    MultiModalKwargsItem,
+    PlaceholderRange,
+)
 from vllm_engine import request, run_engine, visual_blocks
 
 from evoprune_ext import random_models
+from evoprune_ext.vllm.qwen3_vl import EvoPruneQwen3VLForConditionalGeneration, _cut_runs
+from evoprune_ext.vllm.qwen_vl import _kept_positions
 
 ARCHITECTURE = "EvoPruneQwen3VLForConditionalGeneration"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -72,3 +84,58 @@ def test_chunked_prefill_and_prefix_cache_change_nothing(runs, model_dir, tmp_pa
                                                max_num_batched_tokens=16, max_num_seqs=1))
     assert chunked == runs[0.5] + runs[0.5]
 
+
+
+def _feature(modality: str, grid: list[int], offset: int, length: int) -> MultiModalFeatureSpec:
+    field = MultiModalFieldElem(data=torch.tensor(grid), field=MultiModalFieldConfig.batched(modality).field)
+    return MultiModalFeatureSpec(data=MultiModalKwargsItem({f"{modality}_grid_thw": field}), modality=modality,
+                                 identifier=modality, mm_position=PlaceholderRange(offset=offset, length=length))
+
+
+def test_positions_are_those_of_the_kept_units(model_dir):
+    """get_mrope_input_positions, then recompute_mrope_positions chunk by chunk (5 tokens a step, as the runner
+    gathers the kept units' rows): exactly vLLM's unpruned positions of the tokens the pruned prompt keeps."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    config.evoprune = {"keep_ratio": 0.5}
+    model = object.__new__(EvoPruneQwen3VLForConditionalGeneration)  # the position methods need only the config
+    object.__setattr__(model, "config", config)
+    start, end = config.vision_start_token_id, config.vision_end_token_id
+    image, video = config.image_token_id, config.video_token_id
+    # An image of 4 x 6 units, then a video of 2 frames of 4 x 4 units, each after a 2-token timestamp.
+    grids = {"image": [1, 8, 12], "video": [2, 8, 8]}
+    generator = torch.Generator().manual_seed(0)
+    kept = {"image": torch.randperm(24, generator=generator)[:12].sort().values,
+            "video": torch.cat([torch.randperm(16, generator=generator)[:8].sort().values + 16 * f for f in (0, 1)])}
+    frame = lambda token, units: [start] + [token] * units + [end]  # noqa: E731
+    text = iter(range(20, 40))  # ids of no special token
+    pieces = [[next(text) for _ in range(n)] for n in (3, 2, 2, 2, 1)]
+    pieces = [pieces[0], frame(image, 24), pieces[1], pieces[2], frame(video, 16), pieces[3], frame(video, 16), pieces[4]]
+    tokens = sum(pieces, [])
+    video_offset = len(sum(pieces[:3], []))
+    features = [_feature("image", grids["image"], 4, 24), _feature("video", grids["video"], video_offset, 40)]
+    full, _ = Qwen3VLForConditionalGeneration._get_mrope_input_positions(tokens, features, config)
+
+    placeholder = torch.tensor([t in (image, video) for t in tokens])
+    keep = ~placeholder
+    keep[placeholder.nonzero()[:, 0][torch.cat([kept["image"], 24 + kept["video"]])]] = True
+    pruned_tokens = torch.tensor(tokens)[keep].tolist()
+    pruned_features = [_feature("image", grids["image"], 4, 12), _feature("video", grids["video"], video_offset - 12, 24)]
+    positions, delta = model.get_mrope_input_positions(pruned_tokens, pruned_features)
+    rows = [torch.cat([torch.zeros(len(kept[modality]), 8), _kept_positions(grids[modality], kept[modality], 0.0)],
+                      dim=1) for modality in ("image", "video")]  # each item's kept units, position channels appended
+    row_tokens = [i for i, t in enumerate(pruned_tokens) if t in (image, video)]  # the token of each kept unit
+    first = [0, len(kept["image"])]  # each item's first row in row_tokens
+    for computed in range(0, len(pruned_tokens), 5):
+        step = [k for k, i in enumerate(row_tokens) if computed <= i < computed + 5]
+        slices = [item[[k - offset for k in step if 0 <= k - offset < len(item)]] for item, offset in zip(rows, first)]
+        slices = [item for item in slices if len(item)]
+        embeds, positions, delta = model.recompute_mrope_positions(pruned_tokens, slices, positions, computed)
+        assert [tuple(item.shape) for item in embeds] == [(len(item), 8) for item in slices]
+    assert positions.tolist() == full[:, keep].tolist()
+    assert delta == int(full.max()) + 1 - len(pruned_tokens)
+
+
+def test_cut_runs_checks_frames():
+    assert _cut_runs([1, 5, 5, 5, 5, 2, 1, 5, 5, 5, 5, 2], 5, 4, 1) == [1, 5, 2, 1, 5, 2]
+    with pytest.raises(ValueError, match="a frame of 3 placeholders, expected 4"):
+        _cut_runs([1, 5, 5, 5, 2], 5, 4, 1)
