@@ -106,12 +106,16 @@ def test_positions_are_those_of_the_kept_units(model_dir):
     generator = torch.Generator().manual_seed(0)
     kept = {"image": torch.randperm(24, generator=generator)[:12].sort().values,
             "video": torch.cat([torch.randperm(16, generator=generator)[:8].sort().values + 16 * f for f in (0, 1)])}
-    frame = lambda token, units: [start] + [token] * units + [end]  # noqa: E731
-    text = iter(range(20, 40))  # ids of no special token
-    pieces = [[next(text) for _ in range(n)] for n in (3, 2, 2, 2, 1)]
-    pieces = [pieces[0], frame(image, 24), pieces[1], pieces[2], frame(video, 16), pieces[3], frame(video, 16), pieces[4]]
-    tokens = sum(pieces, [])
-    video_offset = len(sum(pieces[:3], []))
+    words = iter(range(20, 40))  # token ids of no special token
+
+    def text(count: int) -> list[int]:
+        return [next(words) for _ in range(count)]
+
+    tokens = [*text(3), start, *[image] * 24, end, *text(2)]
+    video_offset = len(tokens)
+    for _ in range(2):  # each frame: a timestamp, then its block
+        tokens += [*text(2), start, *[video] * 16, end]
+    tokens += text(1)
     features = [_feature("image", grids["image"], 4, 24), _feature("video", grids["video"], video_offset, 40)]
     full, _ = Qwen3VLForConditionalGeneration._get_mrope_input_positions(tokens, features, config)
 
@@ -119,7 +123,8 @@ def test_positions_are_those_of_the_kept_units(model_dir):
     keep = ~placeholder
     keep[placeholder.nonzero()[:, 0][torch.cat([kept["image"], 24 + kept["video"]])]] = True
     pruned_tokens = torch.tensor(tokens)[keep].tolist()
-    pruned_features = [_feature("image", grids["image"], 4, 12), _feature("video", grids["video"], video_offset - 12, 24)]
+    pruned_features = [_feature("image", grids["image"], 4, 12),
+                       _feature("video", grids["video"], video_offset - 12, 24)]
     positions, delta = model.get_mrope_input_positions(pruned_tokens, pruned_features)
     rows = [torch.cat([torch.zeros(len(kept[modality]), 8), _kept_positions(grids[modality], kept[modality], 0.0)],
                       dim=1) for modality in ("image", "video")]  # each item's kept units, position channels appended
