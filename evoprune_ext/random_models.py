@@ -150,12 +150,15 @@ def qwen3_vl(*, attention: str = "sdpa", seed: int = 0, text: dict | None = None
     torchvision does not import (transformers' Qwen3-VL video processor needs it). `text`: LM config arguments
     that replace the tiny ones (as `qwen2_5_vl`'s)."""
     model, words = _qwen_vl(transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
-                            TINY_QWEN3_VISION, dict(TINY_TEXT, **(text or {})), attention=attention, seed=seed)
+                            TINY_QWEN3_VISION, dict(TINY_TEXT, **(text or {})), attention=attention, seed=seed,
+                            interleaved=True)
     return model, _qwen_vl_processor(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", words, 2)
 
 
-def _qwen_vl(config_class, model_class, vision: dict, text: dict, *, attention: str, seed: int):
-    """A Qwen-VL model of `model_class` (an M-RoPE LM of `text` sizes) and its tokenizer."""
+def _qwen_vl(config_class, model_class, vision: dict, text: dict, *, attention: str, seed: int,
+             interleaved: bool = False):
+    """A Qwen-VL model of `model_class` (an M-RoPE LM of `text` sizes) and its tokenizer. `interleaved`: the
+    M-RoPE layout is interleaved (Qwen3-VL's configs say so; transformers' Qwen3-VL always is, vLLM reads the key)."""
     import torch
 
     words = tokenizer()
@@ -163,6 +166,8 @@ def _qwen_vl(config_class, model_class, vision: dict, text: dict, *, attention: 
     pairs = head_dim // 2  # M-RoPE splits the rotary pairs over (t, h, w)
     sections = [pairs // 4, 3 * pairs // 8, pairs - pairs // 4 - 3 * pairs // 8]
     rope = {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}
+    if interleaved:
+        rope["mrope_interleaved"] = True
     text = dict(text, head_dim=head_dim, rope_parameters=rope, pad_token_id=words.pad_token_id,
                 eos_token_id=words.eos_token_id, bos_token_id=words.bos_token_id)
     ids = {name: words.convert_tokens_to_ids(token) for name, token in zip(

@@ -2,7 +2,7 @@
 `hf_overrides={"architectures": ["EvoPruneQwen2_5_VLForConditionalGeneration"], "evoprune": {"keep_ratio": 0.25}}`
 ("evoprune" may also name "layers" and "alpha", as `evoprune_ext.patch` does).
 
-Three pieces, each a subclass of vLLM's own:
+Three pieces, each a subclass of vLLM's own (what Qwen3-VL shares with them: `qwen_vl.py`):
 - the multimodal processor emits `t * round(h/2 * w/2 * keep_ratio)` placeholders per image or video (the counts
   the tower will keep), from the grid alone, before the encoder runs;
 - the tower (`Qwen2_5_VisionTransformer`) runs the plumbing of `evoprune_ext/packed_tower.py`: whole 2x2 units

@@ -4,7 +4,7 @@ images, videos and several of each, and generation runs; chunked prefill and a w
 One engine at a time, each in a subprocess (vllm_engine.py)."""
 
 import pytest
-from vllm_engine import images, request, run_engine, videos, visual_blocks
+from vllm_engine import request, run_engine, run_transformers, visual_blocks
 
 from evoprune_ext import random_models
 
@@ -66,26 +66,6 @@ def test_chunked_prefill_and_prefix_cache_change_nothing(runs, model_dir, tmp_pa
 def test_same_tokens_as_transformers(model_dir, tmp_path):
     """The same prompts pruned at 0.5 by the transformers adapter (evoprune_ext.patch) and in vLLM, both in
     float32: the same prompt tokens and the same greedy answer."""
-    import torch
-    import transformers
-    from transformers.video_utils import VideoMetadata
-
-    import evoprune_ext
-
     served = run_engine(tmp_path, model=model_dir, requests=REQUESTS, architecture=ARCHITECTURE, keep_ratio=0.5,
                         dtype="float32")
-    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    processor = transformers.AutoProcessor.from_pretrained(model_dir)
-    evoprune_ext.patch(model, keep_ratio=0.5, processor=processor)
-    for spec, vllm_result in zip(REQUESTS, served):
-        clips = videos(spec["videos"], spec["seed"])
-        inputs = processor(
-            text=[spec["prompt"]], images=images(spec["images"], spec["seed"]) or None,
-            videos=[frames for frames, _ in clips] or None,
-            video_metadata=[VideoMetadata(**{k: v for k, v in m.items() if k != "do_sample_frames"})
-                            for _, m in clips] or None,
-            do_sample_frames=False, return_tensors="pt",
-        )
-        prompt = inputs["input_ids"][0].tolist()
-        answer = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-        assert {"prompt": prompt, "output": answer} == vllm_result
+    assert run_transformers(model_dir, "Qwen2_5_VLForConditionalGeneration", REQUESTS, keep_ratio=0.5) == served

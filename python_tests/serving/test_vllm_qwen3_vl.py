@@ -15,7 +15,7 @@ from vllm.multimodal.inputs import (
     MultiModalKwargsItem,
     PlaceholderRange,
 )
-from vllm_engine import request, run_engine, visual_blocks
+from vllm_engine import request, run_engine, run_transformers, visual_blocks
 
 from evoprune_ext import random_models
 from evoprune_ext.vllm.qwen3_vl import EvoPruneQwen3VLForConditionalGeneration, _cut_runs
@@ -84,6 +84,15 @@ def test_chunked_prefill_and_prefix_cache_change_nothing(runs, model_dir, tmp_pa
                                                max_num_batched_tokens=16, max_num_seqs=1))
     assert chunked == runs[0.5] + runs[0.5]
 
+
+def test_same_tokens_as_transformers(model_dir, tmp_path):
+    """The image prompts pruned at 0.5 by the transformers adapter (evoprune_ext.patch) and in vLLM, both in
+    float32: the same prompt tokens and the same greedy answer. Not the video prompts: there vLLM's own unpruned
+    Qwen3-VL already answers otherwise than transformers' on this model (same prompt tokens; docs/VLLM_QWEN3.md)."""
+    images_only = [spec for spec in REQUESTS if not spec["videos"]]
+    served = run_engine(tmp_path, model=model_dir, requests=images_only, architecture=ARCHITECTURE, keep_ratio=0.5,
+                        dtype="float32")
+    assert run_transformers(model_dir, "Qwen3VLForConditionalGeneration", images_only, keep_ratio=0.5) == served
 
 
 def _feature(modality: str, grid: list[int], offset: int, length: int) -> MultiModalFeatureSpec:

@@ -5,8 +5,8 @@
 `run_engine` writes the job as JSON and runs this file on it (`python vllm_engine.py JOB.json OUT.json`) with `ENV`:
 .ci/vllm-site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache. Images and videos are random
 pixels made from a seed in the subprocess, so a job stays small and the same request gives the same pixels in
-every engine. Each result: {"prompt": token ids, "output": token ids}; `visual_blocks(prompt)` lists its runs of
-placeholders.
+every engine. Each result: {"prompt": token ids, "output": token ids}. `run_transformers` gives the same from
+transformers (the parity tests); `visual_blocks(prompt)` lists a prompt's runs of placeholders.
 """
 
 import json
@@ -40,6 +40,35 @@ def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str
                                    engine=engine or {})))
     subprocess.run([sys.executable, __file__, str(job), str(out)], env=ENV, check=True, timeout=900)
     return json.loads(out.read_text())
+
+
+def run_transformers(model_dir: Path, model_class: str, requests: list[dict], keep_ratio: float,
+                     max_tokens: int = 8) -> list[dict]:
+    """The results `run_engine` gives, from transformers' `model_class` pruned by `evoprune_ext.patch`, in float32
+    and in this process (its pixels are the engine's)."""
+    import torch
+    import transformers
+    from transformers.video_utils import VideoMetadata
+
+    import evoprune_ext
+
+    model = getattr(transformers, model_class).from_pretrained(model_dir, dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
+    results = []
+    for spec in requests:
+        clips = videos(spec["videos"], spec["seed"])
+        inputs = processor(
+            text=[spec["prompt"]], images=images(spec["images"], spec["seed"]) or None,
+            videos=[frames for frames, _ in clips] or None,
+            video_metadata=[VideoMetadata(**{k: v for k, v in m.items() if k != "do_sample_frames"})
+                            for _, m in clips] or None,
+            do_sample_frames=False, return_tensors="pt",
+        )
+        prompt = inputs["input_ids"][0].tolist()
+        output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(prompt):].tolist()
+        results.append({"prompt": prompt, "output": output})
+    return results
 
 
 def visual_blocks(prompt: list[int]) -> list[tuple[str, int]]:
