@@ -26,6 +26,8 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.video_prune.evs import recompute_mrope_positions
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from evoprune_ext.encoder import kept_tokens
 from evoprune_ext.packed_tower import (
@@ -41,6 +43,7 @@ from evoprune_ext.vllm.qwen_vl import (
     _block_then_prune,
     _mrope_positions,
     evoprune_options,
+    split_positions,
 )
 
 __all__ = ["EvoPruneQwen2_5_VLForConditionalGeneration", "EvoPruneQwen2_5_VLMultiModalProcessor", "evoprune_options"]
@@ -116,6 +119,19 @@ class EvoPruneQwen2_5_VLForConditionalGeneration(EvoPruneQwenVL, Qwen2_5_VLForCo
         stand in until `recompute_mrope_positions` puts the kept ones in; text resumes after the full grid."""
         return _mrope_positions(len(input_tokens), self.iter_mm_grid_thw(mm_features),
                                 evoprune_options(self.config)["keep_ratio"])
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions: Tensor,
+                                  num_computed_tokens: int) -> tuple[list[Tensor], Tensor, int]:
+        """vLLM's own recompute (`video_prune/evs.py`), fed the positions decoded from our channels (qwen_vl.py)."""
+        split = [split_positions(rows) for rows in multimodal_embeddings]
+        device = multimodal_embeddings[0].device if multimodal_embeddings else mrope_positions.device
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        with gpu_sync_allowed():
+            positions, delta = recompute_mrope_positions(
+                ids, [units.T for _, units in split], mrope_positions, num_computed_tokens,
+                self.config.vision_start_token_id, self.config.image_token_id, self.config.video_token_id,
+            )
+        return [features for features, _ in split], positions, delta
 
     def _process_image_input(self, image_input) -> tuple[Tensor, ...]:
         return self._evoprune_embeds("image", image_input, [1.0] * len(image_input["image_grid_thw"]))

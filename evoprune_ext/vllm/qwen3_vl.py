@@ -35,12 +35,12 @@ from vllm.multimodal.processing import PromptUpdateDetails
 from evoprune_ext.encoder import kept_tokens
 from evoprune_ext.packed_tower import MERGE, Units, frame_units, kept_units
 from evoprune_ext.vllm.qwen_vl import (
-    POSITION_CHANNELS,
     EvoPruneQwenVL,
     _attention_metadata,
     _block_then_prune,
     _mrope_positions,
     evoprune_options,
+    split_positions,
 )
 
 __all__ = ["EvoPruneQwen3VLForConditionalGeneration", "EvoPruneQwen3VLMultiModalProcessor"]
@@ -154,8 +154,9 @@ class EvoPruneQwen3VLForConditionalGeneration(EvoPruneQwenVL, Qwen3VLForConditio
         """Strip the position channels of the embeddings the runner gathered for this step (slices of each item's
         kept units, in prompt order from `num_computed_tokens` on) and put those units at their positions: one
         after the token before their block (a vision start, whose position is final), plus their (0, h, w)."""
-        embeds = [rows[:, :-POSITION_CHANNELS] for rows in multimodal_embeddings]
-        relative = [rows[:, -POSITION_CHANNELS:-1] for rows in multimodal_embeddings]
+        split = [split_positions(rows) for rows in multimodal_embeddings]
+        embeds = [features for features, _ in split]
+        relative = [units[:, :-1] for _, units in split]
         count = sum(len(rows) for rows in relative)
         positions = mrope_positions.clone()
         if count:

@@ -1,8 +1,12 @@
 """What vLLM's Qwen2.5-VL and Qwen3-VL plugins share (`qwen2_5_vl.py`, `qwen3_vl.py`): the options, a tower block
 with a pruning step after its attention (both towers' blocks use vLLM's `Qwen2_5_VisionAttention`), the M-RoPE
 positions of a prompt whose visual blocks hold the kept counts, and the model side (`EvoPruneQwenVL`): the tower's
-output split per image or video with each kept unit's position appended (4 channels: t, h, w relative to its
-block, and the block's extent), which `recompute_mrope_positions` strips off again."""
+output split per image or video with each kept unit's position appended (t, h, w relative to its block, and the
+block's extent), which `recompute_mrope_positions` strips off again.
+
+The positions travel in the embeddings' dtype, and bfloat16 holds integers exactly only up to 256 (EVS's channels
+round above it: a 5-minute video at 2 fps puts the text after it one position off). So each value goes as two
+digits in base 256, `value // 256` and `value % 256`, exact in bfloat16 and float16 up to 65535: 8 channels."""
 
 import numpy as np
 import torch
@@ -12,9 +16,11 @@ from vllm.model_executor.layers.attention import MMEncoderAttention
 from evoprune_ext.encoder import kept_tokens
 from evoprune_ext.packed_tower import MERGE, Units, patch_tower, prune_after_attention
 
-__all__ = ["EvoPruneQwenVL", "evoprune_options"]
+__all__ = ["EvoPruneQwenVL", "encode_positions", "evoprune_options", "split_positions"]
 
-POSITION_CHANNELS = 4  # appended to each kept unit's features: t, h, w relative to its block, the block's extent
+POSITION_BASE = 256  # every integer below it is exact in bfloat16
+POSITION_VALUES = 4  # per kept unit: t, h, w relative to its block, the block's extent
+POSITION_CHANNELS = 2 * POSITION_VALUES  # appended to each kept unit's features: the values' two digits
 
 
 def evoprune_options(config) -> dict:
@@ -85,6 +91,20 @@ def _kept_positions(grid: list[int], kept: Tensor, t_factor: float) -> Tensor:
     return torch.cat([positions, torch.full_like(positions[:1], extent)]).T
 
 
+def encode_positions(positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """[units, 4] integer positions -> [units, 8] channels of `dtype`: the high digits, then the low ones."""
+    if positions.numel() and int(positions.max()) >= POSITION_BASE**2:
+        raise ValueError(f"M-RoPE positions within a visual block must stay below {POSITION_BASE**2}, "
+                         f"got {int(positions.max())}")
+    return torch.cat([positions // POSITION_BASE, positions % POSITION_BASE], dim=1).to(dtype)
+
+
+def split_positions(embeddings: Tensor) -> tuple[Tensor, Tensor]:
+    """An item's rows with positions appended -> (the features, [units, 4] int64 positions)."""
+    digits = embeddings[:, -POSITION_CHANNELS:].long()
+    return embeddings[:, :-POSITION_CHANNELS], digits[:, :POSITION_VALUES] * POSITION_BASE + digits[:, POSITION_VALUES:]
+
+
 def _mrope_positions(length: int, blocks, keep_ratio: float) -> tuple[Tensor, int]:
     """vLLM's M-RoPE positions of a prompt of `length` tokens whose visual blocks hold the pruned counts, and the
     delta of the tokens after it. `blocks`: (offset of the first placeholder, t, h, w in merge units, t_factor) of
@@ -136,6 +156,6 @@ class EvoPruneQwenVL:
         embeds = self.visual(pixels, grid_thw=grid)
         kept = self.visual.evoprune_state.kept
         return tuple(
-            torch.cat([rows, _kept_positions(size, units, factor).to(rows)], dim=1)
+            torch.cat([rows, encode_positions(_kept_positions(size, units, factor), rows.dtype)], dim=1)
             for rows, size, units, factor in zip(embeds.split([len(u) for u in kept]), grid, kept, t_factors)
         )

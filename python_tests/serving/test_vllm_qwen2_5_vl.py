@@ -69,3 +69,19 @@ def test_same_tokens_as_transformers(model_dir, tmp_path):
     served = run_engine(tmp_path, model=model_dir, requests=REQUESTS, architecture=ARCHITECTURE, keep_ratio=0.5,
                         dtype="float32")
     assert run_transformers(model_dir, "Qwen2_5_VLForConditionalGeneration", REQUESTS, keep_ratio=0.5) == served
+
+
+def test_position_channels_are_exact_in_bfloat16():
+    """Positions ride in the embeddings' dtype as two base-256 digits: bfloat16 rounds 257 to 256 (a long video's
+    text would resume one position off), the digits do not; values past 65535 are refused."""
+    import torch
+
+    from evoprune_ext.vllm.qwen_vl import encode_positions, split_positions
+
+    positions = torch.tensor([[0, 3, 255, 256], [257, 511, 599, 65535]])
+    assert not torch.equal(positions.to(torch.bfloat16).long(), positions)
+    features = torch.randn(2, 5).to(torch.bfloat16)
+    got_features, got = split_positions(torch.cat([features, encode_positions(positions, torch.bfloat16)], dim=1))
+    assert torch.equal(got, positions) and torch.equal(got_features, features)
+    with pytest.raises(ValueError, match="below 65536"):
+        encode_positions(torch.tensor([[65536, 0, 0, 0]]), torch.bfloat16)
