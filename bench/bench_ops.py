@@ -69,22 +69,32 @@ def make_inputs(shape: Shape, device: str, seed: int = 0):
     return move(tokens), move(attn), move(metric)
 
 
-def measure(fn, *, repeats: int, device: str) -> list[float]:
-    """Seconds per call, `repeats` times after one warm-up call."""
+def time_once(fn, device: str) -> float:
+    """Seconds of one call."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def measure(fns: dict, *, repeats: int, device: str, fewer: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, after one warm-up call each, interleaved: round r calls every
+    function once, so a noisy moment of a shared machine hits them alike. `fewer`: name -> how many calls for
+    slow functions (they take part in the first rounds only)."""
+    fewer = fewer or {}
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if r < fewer.get(name, repeats):
+                times[name].append(time_once(fn, device))
     return times
 
 
@@ -106,26 +116,48 @@ def bench_shape(shape: Shape, *, device: str, repeats: int, peers: dict) -> dict
     def bmm():
         return torch.bmm(similarity_metric, similarity_metric.transpose(1, 2))
 
+    importance = attn.mean((1, 2)) if attn.dim() == 4 else attn
+    sizes = torch.ones(tokens.shape[:2], device=device)
+    fns = {"op": op, "reference": ref, "bmm": bmm}
+    for name, step in peers.items():
+        fns[name] = lambda step=step: step(tokens, similarity_metric, importance, sizes, keep=shape.keep,
+                                           protect=shape.protect, alpha=0.1, merge=True)
+    # The reference and the peers run one Python step per greedy iteration: fewer calls keep the run short.
+    slow = max(3, repeats // 4)
     with torch.inference_mode():
-        row = {"shape": shape.name, "op": summary(measure(op, repeats=repeats, device=device))}
-        # The reference runs one Python step per greedy iteration: fewer repeats keep the run short.
-        row["reference"] = summary(measure(ref, repeats=max(3, repeats // 4), device=device))
-        row["bmm"] = summary(measure(bmm, repeats=repeats, device=device))
-        importance = attn.mean((1, 2)) if attn.dim() == 4 else attn
-        for name, step in peers.items():
-            sizes = torch.ones(tokens.shape[:2], device=device)
-
-            def peer(step=step):
-                return step(tokens, similarity_metric, importance, sizes, keep=shape.keep, protect=shape.protect,
-                            alpha=0.1, merge=True)
-
-            row[name] = summary(measure(peer, repeats=max(3, repeats // 4), device=device))
+        times = measure(fns, repeats=repeats, device=device, fewer={name: slow for name in fns if name not in ("op", "bmm")})
+    row = {"shape": shape.name, **{name: summary(t) for name, t in times.items()}}
     op_ms = row["op"]["median_ms"]
     row["speedup_vs_reference"] = row["reference"]["median_ms"] / op_ms
     row["op_over_bmm"] = op_ms / row["bmm"]["median_ms"]
     for name in peers:
         row[f"speedup_vs_{name}"] = row[name]["median_ms"] / op_ms
     return row
+
+
+def thread_scaling(shape: Shape, *, repeats: int) -> dict:
+    """The op at `shape` with 1 thread and with every thread, interleaved call by call (CPU)."""
+    tokens, attn, metric = make_inputs(shape, "cpu")
+    threads = torch.get_num_threads()
+
+    def with_threads(n):
+        def run():
+            torch.set_num_threads(n)
+            try:
+                torch.ops.evoprune.prune(tokens, attn, keep=shape.keep, metric=metric, protect=shape.protect)
+            finally:
+                torch.set_num_threads(threads)
+        return run
+
+    with torch.inference_mode():
+        times = measure({"1": with_threads(1), str(threads): with_threads(threads)}, repeats=repeats, device="cpu")
+    one, many = (statistics.median(t) * 1e3 for t in times.values())
+    return {"shape": shape.name, "threads": threads, "ms_1_thread": one, "ms_all_threads": many, "scaling": one / many}
+
+
+def format_scaling(scaling: dict) -> str:
+    return (f"{scaling['shape']}: {scaling['ms_1_thread']:.2f} ms with 1 thread, {scaling['ms_all_threads']:.2f} ms "
+            f"with {scaling['threads']}: {scaling['scaling']:.2f}x")
 
 
 def format_table(rows: list[dict], peers: list[str]) -> str:
@@ -160,6 +192,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--peers", default="", help="comma-separated names from bench/peers.py, e.g. tome,divprune")
     parser.add_argument("--quick", action="store_true", help="one tiny shape, few repeats (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="the sweep over N (576 to 16,384) instead of --shapes")
+    parser.add_argument("--scaling", action="store_true", help="also the op at S3 with 1 thread against all threads")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -177,6 +210,8 @@ def main(argv=None) -> list[dict]:
         print(f"  measuring {shape.name} ...", flush=True)
         rows.append(bench_shape(shape, device=args.device, repeats=repeats, peers=peers))
     print(format_table(rows, list(peers)))
+    if args.scaling:
+        print(format_scaling(thread_scaling(QUICK["Q1"] if args.quick else SHAPES["S3"], repeats=repeats)))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

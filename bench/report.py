@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     quick = ["--quick"] if args.quick else []
     ops = bench_ops.main([*quick, "--shapes", "S1,S2,S3,S4,S5", "--peers", PEERS, "--repeats", "10",
                           "--json", str(results / "ops.json")])
+    scaling = bench_ops.thread_scaling(bench_ops.QUICK["Q1"] if args.quick else bench_ops.SHAPES["S3"], repeats=10)
+    print(bench_ops.format_scaling(scaling), flush=True)
     sweep = [] if args.quick else bench_ops.main(["--sweep", "--peers", "tome", "--repeats", "5",
                                                   "--json", str(results / "sweep.json")])
     encoder = bench_encoder.main([*quick, "--json", str(results / "encoder.json")])
@@ -83,6 +85,8 @@ slower than our op it is. DivPrune is timed as published (it recomputes the mini
 selected rows at each step, O(K^2 N)).
 
 {bench_ops.format_table(ops, peers)}
+
+Threads: {bench_ops.format_scaling(scaling)} (interleaved call by call).
 
 Sweep over N (B=1, D=1024, Dm=64, K=N/4, reduced importance):
 
