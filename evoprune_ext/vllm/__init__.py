@@ -25,7 +25,7 @@ def register() -> None:
 
 
 def _let_runners_recompute_positions() -> None:
-    """vLLM's runners recompute M-RoPE positions from the 4 channels a model appends to its visual embeddings
+    """vLLM's runners recompute M-RoPE positions from the channels a model appends to its visual embeddings
     (`SupportsMultiModalPruning`) only when `runner.is_multimodal_pruning_enabled`, which the GPU runner derives
     from `video_pruning_rate` (EVS) and the CPU runner never sets. After loading, it is turned on for a model that
     prunes in its tower (`evoprune_prunes_positions`), and on the CPU runner as the GPU runner would (so that

@@ -8,7 +8,7 @@ Three pieces, each a subclass of vLLM's own (what Qwen3-VL shares with them: `qw
 - the tower (`Qwen2_5_VisionTransformer`) runs the plumbing of `evoprune_ext/packed_tower.py`: whole 2x2 units
   pruned per frame after the attention of the scheduled blocks, window bookkeeping rebuilt after each step;
 - the model splits the tower's output by the kept counts and appends to each kept unit its original M-RoPE position
-  (t, h, w) and the extent of the full grid, the 4 channels of vLLM's `SupportsMultiModalPruning` interface: the
+  (t, h, w) and the extent of the full grid (as base-256 digits, exact in bfloat16), vLLM's `SupportsMultiModalPruning` channels: the
   runner's `recompute_mrope_positions` then places the kept units where they were, and the text after a visual
   block where it would be unpruned (after the full grid). The runner only does so when told (`evoprune_ext.vllm`).
 """

@@ -88,7 +88,7 @@ def test_chunked_prefill_and_prefix_cache_change_nothing(runs, model_dir, tmp_pa
 def test_same_tokens_as_transformers(model_dir, tmp_path):
     """The image prompts pruned at 0.5 by the transformers adapter (evoprune_ext.patch) and in vLLM, both in
     float32: the same prompt tokens and the same greedy answer. Not the video prompts: there vLLM's own unpruned
-    Qwen3-VL already answers otherwise than transformers' on this model (same prompt tokens; docs/VLLM_QWEN3.md)."""
+    Qwen3-VL already answers otherwise than transformers' on this model (same prompt tokens; docs/VLLM.md, Limits)."""
     images_only = [spec for spec in REQUESTS if not spec["videos"]]
     served = run_engine(tmp_path, model=model_dir, requests=images_only, architecture=ARCHITECTURE, keep_ratio=0.5,
                         dtype="float32")
