@@ -19,7 +19,7 @@ from vllm_engine import request, run_engine, run_transformers, visual_blocks
 
 from evoprune_ext import random_models
 from evoprune_ext.vllm.qwen3_vl import EvoPruneQwen3VLForConditionalGeneration, _cut_runs
-from evoprune_ext.vllm.qwen_vl import _kept_positions
+from evoprune_ext.vllm.qwen_vl import _kept_positions, encode_positions
 
 ARCHITECTURE = "EvoPruneQwen3VLForConditionalGeneration"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -135,8 +135,10 @@ def test_positions_are_those_of_the_kept_units(model_dir):
     pruned_features = [_feature("image", grids["image"], 4, 12),
                        _feature("video", grids["video"], video_offset - 12, 24)]
     positions, delta = model.get_mrope_input_positions(pruned_tokens, pruned_features)
-    rows = [torch.cat([torch.zeros(len(kept[modality]), 8), _kept_positions(grids[modality], kept[modality], 0.0)],
-                      dim=1) for modality in ("image", "video")]  # each item's kept units, position channels appended
+    # Each item's kept units: 8 features, then the position channels.
+    rows = [torch.cat([torch.zeros(len(kept[modality]), 8),
+                       encode_positions(_kept_positions(grids[modality], kept[modality], 0.0), torch.float32)], dim=1)
+            for modality in ("image", "video")]
     row_tokens = [i for i, t in enumerate(pruned_tokens) if t in (image, video)]  # the token of each kept unit
     first = [0, len(kept["image"])]  # each item's first row in row_tokens
     for computed in range(0, len(pruned_tokens), 5):
