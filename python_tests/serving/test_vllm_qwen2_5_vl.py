@@ -4,39 +4,36 @@ images, videos and several of each, and generation runs; chunked prefill and a w
 One engine at a time, each in a subprocess (vllm_engine.py)."""
 
 import pytest
-from vllm_engine import request, run_engine, run_transformers, visual_blocks
+from vllm_engine import (
+    IMAGE,
+    VIDEO,
+    request,
+    run_engine,
+    run_transformers,
+    runs_by_ratio,
+    save_tiny_model,
+    visual_blocks,
+)
 
 from evoprune_ext import random_models
 
 ARCHITECTURE = "EvoPruneQwen2_5_VLForConditionalGeneration"
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 REQUESTS = [
     request(f"USER : {IMAGE} what is in this image ASSISTANT :", images=1),
     request(f"USER : {IMAGE} {IMAGE} what is in this image ASSISTANT :", images=2, seed=1),
     request(f"USER : {VIDEO} what is in this video ASSISTANT :", videos=1),
     request(f"USER : {IMAGE} {VIDEO} {VIDEO} what is in this video ASSISTANT :", images=1, videos=2, seed=2),
 ]
-RATIOS = [None, 1.0, 0.5, 0.25]  # None: vLLM's own Qwen2_5_VLForConditionalGeneration
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    # vLLM's CPU attention needs a head_dim of 32, 64, 80, ...: 64 / 2 heads.
-    model, processor = random_models.qwen2_5_vl(text=dict(num_attention_heads=2))
-    path = tmp_path_factory.mktemp("qwen2_5_vl")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory, random_models.qwen2_5_vl)
 
 
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory) -> dict:
-    return {
-        ratio: run_engine(tmp_path_factory.mktemp("run"), model=model_dir, requests=REQUESTS, keep_ratio=ratio,
-                          architecture=None if ratio is None else ARCHITECTURE)
-        for ratio in RATIOS
-    }
+    return runs_by_ratio(tmp_path_factory, model_dir, REQUESTS, ARCHITECTURE)
 
 
 def test_keep_ratio_one_is_vllm(runs):

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from vllm_engine import ENV, images
+from vllm_engine import ENV, images, save_tiny_model
 
 from evoprune_ext import random_models
 
@@ -41,10 +41,7 @@ def post(url: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model, processor = random_models.qwen2_5_vl(text=dict(num_attention_heads=2))
-    path = tmp_path_factory.mktemp("qwen2_5_vl")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    path = save_tiny_model(tmp_path_factory, random_models.qwen2_5_vl)
     template = path / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE)
     port = free_port()

@@ -24,6 +24,30 @@ IMAGE_SIDES = [(32, 32), (48, 24)]  # (width, height) pixels: 16 x 16 and 12 x 2
 VIDEO_SIDE = (32, 32)  # each video: 4 frames -> t = 2 of 16 x 16 patches
 
 
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # an image's place in a Qwen-VL prompt
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+RATIOS = [None, 1.0, 0.5, 0.25]  # None: vLLM's own model class
+
+
+def save_tiny_model(tmp_path_factory, builder) -> Path:
+    """A tiny random model of `evoprune_ext.random_models` and its processor, saved. vLLM's CPU attention needs a
+    head_dim of 32, 64, 80, ...: 64 over 2 heads."""
+    model, processor = builder(text=dict(num_attention_heads=2))
+    path = tmp_path_factory.mktemp(builder.__name__)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def runs_by_ratio(tmp_path_factory, model_dir: Path, requests: list[dict], architecture: str) -> dict:
+    """{ratio: run_engine results} for each of RATIOS, one engine each."""
+    return {
+        ratio: run_engine(tmp_path_factory.mktemp("run"), model=model_dir, requests=requests, keep_ratio=ratio,
+                          architecture=None if ratio is None else architecture)
+        for ratio in RATIOS
+    }
+
+
 def request(prompt: str, *, images: int = 0, videos: int = 0, seed: int = 0) -> dict:
     return {"prompt": prompt, "images": images, "videos": videos, "seed": seed}
 
