@@ -439,3 +439,12 @@ def test_selection_whatever_the_scratch_matches_reference_in_float64(tokens):
     got = ops.select(metric, importance, keep=keep, alpha=0.2)
     want = reference.select(metric, importance, keep=keep, alpha=0.2)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_importance_from_qk_over_several_blocks_of_queries_matches_reference():
+    """The CPU kernel takes the query rows in blocks of 2^18 / N (csrc/cpu/importance.cpp): 512 keys give blocks of
+    512 rows, so 1200 queries span three, the last one short."""
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 2, 1200, 8, generator=g), torch.randn(2, 2, 512, 8, generator=g)
+    got = ops.importance_from_qk(q, k, 0.3)
+    torch.testing.assert_close(got, reference.importance_from_qk(q, k, 0.3), rtol=1e-5, atol=1e-7)
