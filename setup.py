@@ -33,15 +33,20 @@ def extension():
     cuda = want_cuda()
     sources = [s for s in SOURCES if cuda or not s.startswith("csrc/cuda/")]
     defines = [f'-DEVOPRUNE_VERSION="{VERSION}"']
-    cxx = ["-O3", "-ffp-contract=off"]  # as CMakeLists.txt: the vector clones round alike
+    # As CMakeLists.txt: at::parallel_for runs in parallel only in code compiled with torch's OpenMP.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    cxx = ["-O3", "-ffp-contract=off"] + openmp  # as CMakeLists.txt: the vector clones round alike
     if cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         defines += ["-DEVOPRUNE_WITH_CUDA", f'-DEVOPRUNE_CUDA_ARCHS="{archs}"']
         return cpp_extension.CUDAExtension(
-            "evoprune_ext._C", sources, extra_compile_args={"cxx": defines + cxx, "nvcc": defines + ["-O3"]}
+            "evoprune_ext._C", sources, extra_compile_args={"cxx": defines + cxx, "nvcc": defines + ["-O3"]},
+            extra_link_args=openmp,
         )
-    return cpp_extension.CppExtension("evoprune_ext._C", sources, extra_compile_args={"cxx": defines + cxx})
+    return cpp_extension.CppExtension(
+        "evoprune_ext._C", sources, extra_compile_args={"cxx": defines + cxx}, extra_link_args=openmp
+    )
 
 
 setup(

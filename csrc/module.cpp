@@ -27,6 +27,13 @@ PYBIND11_MODULE(_C, m) {
     info["torch_built_with"] = TORCH_VERSION;
     info["num_threads"] = at::get_num_threads();
     info["parallel_backend"] = at::get_parallel_info();
+    // ATen defines INTRA_OP_PARALLEL where at::parallel_for can use threads in this library: always under
+    // torch's native backend, and under its OpenMP backend only when this library was compiled with OpenMP.
+#ifdef INTRA_OP_PARALLEL
+    info["parallel_kernels"] = true;
+#else
+    info["parallel_kernels"] = false;
+#endif
     return info;
   }, "How this library was built and the intra-op threads it will use.");
 }

@@ -22,7 +22,9 @@
 #include "../checks.h"
 #include "../composite.h"
 #include "kernels.h"
+#include "parallel.h"
 #include "scratch.h"
+#include "vectorize.h"
 
 namespace evoprune::cpu {
 namespace {
@@ -31,6 +33,26 @@ namespace {
 constexpr int64_t kRowsPerSplit = 256;
 // Logits per block of `importance_from_qk` (1 MiB in float32: a block stays in L2 from GEMM to sums).
 constexpr int64_t kLogitValues = int64_t(1) << 18;
+
+// sums[j] += sum over r of weight[r] * values[r][j], rows in order (not a BLAS GEMV: its splits
+// depend on the threads it finds, and so would its rounding).
+template <typename acc_t>
+inline __attribute__((always_inline)) void add_weighted_rows_body(const acc_t* values, const acc_t* weight,
+                                                                  int64_t rows, int64_t n, acc_t* __restrict__ sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* __restrict__ row = values + r * n;
+    const acc_t w = weight[r];
+    for (int64_t j = 0; j < n; ++j) sums[j] += w * row[j];
+  }
+}
+EVOPRUNE_VECTOR_CLONES void add_weighted_rows(const float* values, const float* weight, int64_t rows, int64_t n,
+                                              float* sums) {
+  add_weighted_rows_body(values, weight, rows, n, sums);
+}
+EVOPRUNE_VECTOR_CLONES void add_weighted_rows(const double* values, const double* weight, int64_t rows, int64_t n,
+                                              double* sums) {
+  add_weighted_rows_body(values, weight, rows, n, sums);
+}
 
 template <typename scalar_t>
 void attention_importance_impl(const at::Tensor& attn, at::Tensor& importance) {
@@ -84,7 +106,7 @@ at::Tensor importance_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, doub
   const int64_t blocks = (queries + rows_per_block - 1) / rows_per_block;
   const int64_t units = batch * heads * blocks;
   at::Tensor partial = at::zeros({units, n}, importance.options());
-  at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_as_caller(0, units, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t unit = lo; unit < hi; ++unit) {
       const int64_t b = unit / (heads * blocks), h = unit / blocks % heads, r0 = unit % blocks * rows_per_block;
       const int64_t rows = std::min(rows_per_block, queries - r0);
@@ -97,13 +119,21 @@ at::Tensor importance_from_qk_cpu(const at::Tensor& q, const at::Tensor& k, doub
                       /*alpha=*/scale);
         logits.sub_(logits.amax(1, /*keepdim=*/true)).exp_();
         const at::Tensor inverse_sums = logits.sum(1).reciprocal_();
-        at::Tensor sums = partial[unit];
-        at::addmv_out(sums, sums, logits.t(), inverse_sums);
+        add_weighted_rows(data, inverse_sums.const_data_ptr<scalar_t>(), rows, n,
+                          partial.mutable_data_ptr<scalar_t>() + unit * n);
       });
     }
   });
-  // The units are added in a fixed order, so the result does not depend on the threads.
-  importance.copy_(partial.view({batch, heads * blocks, n}).sum(1));
+  // The units are added one after another, so the result does not depend on the threads (ATen's sum
+  // over them would split its reduction by the thread count).
+  AT_DISPATCH_FLOATING_TYPES(acc, "evoprune_importance_from_qk_sum", [&] {
+    const scalar_t* parts = partial.const_data_ptr<scalar_t>();
+    scalar_t* total = importance.mutable_data_ptr<scalar_t>();
+    for (int64_t unit = 0; unit < units; ++unit) {
+      scalar_t* sample_total = total + unit / (heads * blocks) * n;
+      for (int64_t j = 0; j < n; ++j) sample_total[j] += parts[unit * n + j];
+    }
+  });
   return importance.div_(static_cast<double>(heads * queries)).to(at::kFloat);
 }
 

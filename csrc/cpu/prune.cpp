@@ -9,6 +9,7 @@
 #include "../checks.h"
 #include "../composite.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace evoprune::cpu {
 namespace {
@@ -36,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prune_cpu(
   int64_t* index_data = index.mutable_data_ptr<int64_t>();
   int64_t* slot_data = slot.mutable_data_ptr<int64_t>();
   const Selection selection{keep, protect, alpha};
-  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_as_caller(0, batch, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       select_sample(similarity_metric, importance, b, selection, index_data + b * keep, slot_data + b * n);
       merge_sample(tokens, s, b, index_data + b * keep, slot_data + b * n, merge, out, sizes_out);

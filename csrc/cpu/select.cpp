@@ -23,6 +23,7 @@
 #include "../composite.h"
 #include "../math.h"
 #include "kernels.h"
+#include "parallel.h"
 #include "scratch.h"
 #include "vectorize.h"
 
@@ -263,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& metric, const st
   int64_t* index_data = index.mutable_data_ptr<int64_t>();
   int64_t* slot_data = slot.mutable_data_ptr<int64_t>();
   const Selection selection{keep, protect, alpha};
-  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_as_caller(0, batch, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       select_sample(metric, imp, b, selection, index_data + b * keep, slot_data + b * n);
     }
