@@ -11,7 +11,7 @@ over the reference, and the op's time over one torch.bmm of the N x N x Dm simil
 unavoidable work of a full similarity). Nothing is asserted: speed is measured, not tested.
 
     python bench/bench_ops.py [--quick | --sweep | --shapes S1,S2] [--peers tome,divprune] [--device cpu|cuda]
-                              [--json PATH]
+                              [--profile] [--scaling] [--json PATH]
 """
 
 from __future__ import annotations
@@ -155,6 +155,45 @@ def thread_scaling(shape: Shape, *, repeats: int) -> dict:
     return {"shape": shape.name, "threads": threads, "ms_1_thread": one, "ms_all_threads": many, "scaling": one / many}
 
 
+def profile(shape: Shape, *, repeats: int) -> dict:
+    """Where the op's time goes at `shape` (CPU): its stages as separate ops, against the work no
+    implementation can skip: one N x N x Dm similarity bmm, one read of the attention and one of the tokens
+    (each timed as a sum over the tensor). All interleaved call by call."""
+    tokens, attn, metric = make_inputs(shape, "cpu")
+    similarity_metric = tokens if metric is None else metric
+    importance = torch.ops.evoprune.importance(attn) if attn.dim() == 4 else attn
+    kwargs = dict(keep=shape.keep, alpha=0.1, protect=shape.protect)
+    index, slot = torch.ops.evoprune.select(similarity_metric, importance, **kwargs)
+    fns = {"op": lambda: torch.ops.evoprune.prune(tokens, attn, metric=metric, **kwargs)}
+    if attn.dim() == 4:
+        fns["importance"] = lambda: torch.ops.evoprune.importance(attn)
+    fns |= {
+        "select": lambda: torch.ops.evoprune.select(similarity_metric, importance, **kwargs),
+        "merge": lambda: torch.ops.evoprune.merge(tokens, index, slot),
+        "bmm": lambda: torch.bmm(similarity_metric, similarity_metric.transpose(1, 2)),
+        "read attn": lambda: attn.sum(),
+        "read tokens": lambda: tokens.sum(),
+    }
+    with torch.inference_mode():
+        times = measure(fns, repeats=repeats, device="cpu")
+    row = {"shape": shape.name, **{name: 1e3 * statistics.median(t) for name, t in times.items()}}
+    row["floor"] = row["bmm"] + row["read tokens"] + (row["read attn"] if attn.dim() == 4 else 0.0)
+    row["op_over_floor"] = row["op"] / row["floor"]
+    return row
+
+
+PROFILE_COLUMNS = ["op", "importance", "select", "merge", "bmm", "read attn", "read tokens", "floor"]
+
+
+def format_profile(rows: list[dict]) -> str:
+    header = ["shape"] + [f"{c} ms" for c in PROFILE_COLUMNS] + ["op / floor"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["shape"]] + [f"{r[c]:.2f}" if c in r else "-" for c in PROFILE_COLUMNS]
+        lines.append("| " + " | ".join(cells + [f"{r['op_over_floor']:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
 def format_scaling(scaling: dict) -> str:
     return (f"{scaling['shape']}: {scaling['ms_1_thread']:.2f} ms with 1 thread, {scaling['ms_all_threads']:.2f} ms "
             f"with {scaling['threads']}: {scaling['scaling']:.2f}x")
@@ -193,6 +232,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="one tiny shape, few repeats (smoke run)")
     parser.add_argument("--sweep", action="store_true", help="the sweep over N (576 to 16,384) instead of --shapes")
     parser.add_argument("--scaling", action="store_true", help="also the op at S3 with 1 thread against all threads")
+    parser.add_argument("--profile", action="store_true", help="also where the op's time goes at each shape")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
@@ -210,6 +250,8 @@ def main(argv=None) -> list[dict]:
         print(f"  measuring {shape.name} ...", flush=True)
         rows.append(bench_shape(shape, device=args.device, repeats=repeats, peers=peers))
     print(format_table(rows, list(peers)))
+    if args.profile:
+        print(format_profile([profile(shape, repeats=repeats) for shape in shapes]))
     if args.scaling:
         print(format_scaling(thread_scaling(QUICK["Q1"] if args.quick else SHAPES["S3"], repeats=repeats)))
     if args.json:

@@ -58,6 +58,36 @@ LM tokens). Raw rows: `bench/results/vllm_video.json`.
 """
 
 
+def targets(ops: list[dict], profile: list[dict], sweep: list[dict], scaling: dict, encoder: list[dict]) -> str:
+    """Issue 13's targets against this run: each measured figure, met or not, and for a shortfall the
+    profile's op / floor (the op's time over the work no implementation can skip at that shape)."""
+    floor = {r["shape"]: r["op_over_floor"] for r in profile}
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(target, measured, met, shape=None):
+        note = "yes" if met else "no" + (f" (op / floor {floor[shape]:.2f})" if shape in floor else "")
+        lines.append(f"| {target} | {measured} | {note} |")
+
+    for r in ops:
+        goal = {"S1": 8, "S2": 8, "S3": 5, "S4": 4}.get(r["shape"].split()[0])
+        if goal:
+            add(f"{r['shape']}: op at least {goal}x the reference", f"{r['speedup_vs_reference']:.1f}x",
+                r["speedup_vs_reference"] >= goal, r["shape"])
+    for r in ops:
+        add(f"{r['shape']}: op / bmm at most 1.5", f"{r['op_over_bmm']:.2f}", r["op_over_bmm"] <= 1.5, r["shape"])
+    if sweep:
+        worst = min(sweep, key=lambda r: r["speedup_vs_tome"])
+        add("within 1.2x of one ToMe step at every N of the sweep",
+            f"slowest against ToMe: {worst['shape']}, {worst['speedup_vs_tome']:.2f}x ToMe's speed",
+            worst["speedup_vs_tome"] >= 1 / 1.2)
+    siglip = [r for r in encoder if r["encoder"].startswith("siglip") and r["method"] == "evoprune"]
+    if siglip:
+        share = max(r["ops_share"] for r in siglip)
+        add("our ops at most 2% of SigLIP encoder time", f"at most {100 * share:.1f}%", share <= 0.02)
+    add(f"1 to {scaling['threads']} threads at least 1.7x at S3", f"{scaling['scaling']:.2f}x", scaling["scaling"] >= 1.7)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke sizes; does not touch docs/BENCHMARKS.md")
@@ -67,8 +97,12 @@ def main(argv=None) -> None:
     start = time.perf_counter()
 
     quick = ["--quick"] if args.quick else []
-    ops = bench_ops.main([*quick, "--shapes", "S1,S2,S3,S4,S5", "--peers", PEERS, "--repeats", "10",
+    ops = bench_ops.main([*quick, "--shapes", ",".join(bench_ops.SHAPES), "--peers", PEERS, "--repeats", "10",
                           "--json", str(results / "ops.json")])
+    shapes = bench_ops.QUICK.values() if args.quick else bench_ops.SHAPES.values()
+    profile = [bench_ops.profile(shape, repeats=10) for shape in shapes]
+    print(bench_ops.format_profile(profile), flush=True)
+    (results / "profile.json").write_text(json.dumps(profile, indent=2))
     scaling = bench_ops.thread_scaling(bench_ops.QUICK["Q1"] if args.quick else bench_ops.SHAPES["S3"], repeats=10)
     print(bench_ops.format_scaling(scaling), flush=True)
     sweep = [] if args.quick else bench_ops.main(["--sweep", "--peers", "tome", "--repeats", "5",
@@ -108,6 +142,16 @@ selected rows at each step, O(K^2 N)).
 {bench_ops.format_table(ops, peers)}
 
 Threads: {bench_ops.format_scaling(scaling)} (interleaved call by call).
+
+Where the op's time goes (each stage as its own op; "floor" is the work no implementation can skip:
+one N x N x Dm similarity bmm, plus one read of the tokens and, for 4-d attention, one of the attention,
+each timed as a sum over the tensor):
+
+{bench_ops.format_profile(profile)}
+
+Issue 13's targets in this run:
+
+{targets(ops, profile, sweep, scaling, encoder)}
 
 Sweep over N (B=1, D=1024, Dm=64, K=N/4, reduced importance):
 
