@@ -7,6 +7,7 @@
 Raw results go to bench/results/ (JSON, markdown, the quality plot); the page links the plot.
 
     python bench/report.py [--quick]     # --quick: smoke sizes, writes to bench/results/ only
+    python bench/report.py --reuse quality,mllm   # those sections from the results saved by an earlier run
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import bench_vllm  # noqa: E402
 import eval_quality  # noqa: E402
 
 PEERS = "tome,divprune,visionzip,topk,random"
+REUSABLE = ("quality", "mllm")  # the long sections (about 7 and 40 minutes)
+MLLM_RESULTS = ("mllm_llava.json", "mllm_video_qwen.json")
 
 
 def machine() -> str:
@@ -88,10 +91,22 @@ def targets(ops: list[dict], profile: list[dict], sweep: list[dict], scaling: di
     return "\n".join(lines)
 
 
+def reused(sections: set[str]) -> str:
+    if not sections:
+        return ""
+    names = " and ".join({"quality": "quality", "mllm": "end-to-end"}[s] for s in REUSABLE if s in sections)
+    return f"\nThe {names} {'sections come' if len(sections) > 1 else 'section comes'} from an earlier run (`--reuse`, saved in bench/results/)."
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke sizes; does not touch docs/BENCHMARKS.md")
+    parser.add_argument("--reuse", default="", help=f"comma-separated sections of {','.join(REUSABLE)} to take from "
+                        "bench/results/ as an earlier run left them, instead of measuring them again")
     args = parser.parse_args(argv)
+    reuse = set(filter(None, args.reuse.split(",")))
+    if not reuse <= set(REUSABLE) or (reuse and args.quick):
+        parser.error(f"--reuse takes sections of {','.join(REUSABLE)}, without --quick; got {args.reuse!r}")
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     start = time.perf_counter()
@@ -105,18 +120,22 @@ def main(argv=None) -> None:
     (results / "profile.json").write_text(json.dumps(profile, indent=2))
     scaling = bench_ops.thread_scaling(bench_ops.QUICK["Q1"] if args.quick else bench_ops.SHAPES["S3"], repeats=10)
     print(bench_ops.format_scaling(scaling), flush=True)
+    (results / "scaling.json").write_text(json.dumps(scaling, indent=2))
     sweep = [] if args.quick else bench_ops.main(["--sweep", "--peers", "tome", "--repeats", "5",
                                                   "--json", str(results / "sweep.json")])
     encoder = bench_encoder.main([*quick, "--json", str(results / "encoder.json")])
-    quality_args = ["--smoke"] if args.quick else []
-    eval_quality.main([*quality_args, "--out", str(results)])
+    if "quality" not in reuse:
+        eval_quality.main([*(["--smoke"] if args.quick else []), "--out", str(results)])
     quality_md = (results / "quality.md").read_text()
-    # LLaVA with every peer; the 8-frame videos and Qwen with two peers and two runs (each takes minutes).
-    mllm = bench_mllm.main([*quick, "--models", "llava-1.5", "--repeats", "3",
-                            "--json", str(results / "mllm_llava.json")])
-    mllm += bench_mllm.main([*quick, "--models", "qwen2.5-vl-image,qwen2.5-vl-video,onevision-0.5b", "--repeats", "2",
-                             "--peers", "tome,visionzip", "--after", "visionzip",
-                             "--json", str(results / "mllm_video_qwen.json")])
+    if "mllm" in reuse:
+        mllm = [row for name in MLLM_RESULTS for row in json.loads((results / name).read_text())["rows"]]
+    else:
+        # LLaVA with every peer; the 8-frame videos and Qwen with two peers and two runs (each takes minutes).
+        mllm = bench_mllm.main([*quick, "--models", "llava-1.5", "--repeats", "3",
+                                "--json", str(results / MLLM_RESULTS[0])])
+        mllm += bench_mllm.main([*quick, "--models", "qwen2.5-vl-image,qwen2.5-vl-video,onevision-0.5b",
+                                 "--repeats", "2", "--peers", "tome,visionzip", "--after", "visionzip",
+                                 "--json", str(results / MLLM_RESULTS[1])])
     elapsed = time.perf_counter() - start
     if args.quick:
         print(f"bench/report.py --quick: all benchmarks ran in {elapsed:.0f} s")
@@ -127,7 +146,7 @@ def main(argv=None) -> None:
     peers = PEERS.split(",")
     page = f"""# Benchmarks
 
-Measured by `make bench` (`python bench/report.py`) in one run of {elapsed / 60:.1f} minutes on {machine()}.
+Measured by `make bench` (`python bench/report.py`) in one run of {elapsed / 60:.1f} minutes on {machine()}.{reused(reuse)}
 Times are medians of repeated runs in one process (min-max in brackets where shown); speedups are
 ratios against the named method on the same inputs. Raw numbers: `bench/results/*.json`.
 
