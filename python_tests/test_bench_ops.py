@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_ops  # noqa: E402
@@ -40,3 +42,11 @@ def test_targets_table_says_met_or_not_with_the_floor():
     assert "sweep N=16384, 0.90x ToMe's speed | yes |" in table  # 0.9 >= 1 / 1.2
     assert "| our ops at most 2% of SigLIP encoder time | at most 1.5% | yes |" in table
     assert "| 1 to 2 threads at least 1.7x at S3 | 1.80x | yes |" in table
+
+
+def test_report_reuses_only_the_long_sections():
+    import report  # bench/report.py
+
+    for bad in (["--reuse", "ops"], ["--reuse", "quality", "--quick"]):
+        with pytest.raises(SystemExit):
+            report.main(bad)
