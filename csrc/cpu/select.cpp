@@ -33,14 +33,15 @@
 namespace evoprune::cpu {
 namespace {
 
-// Largest N x N similarity matrix one sample may allocate (1 GiB: N = 16384 in float32). Past a
-// few thousand tokens the dot products are bound by reading all unit vectors at every step, so the
-// GEMM wins at any N whose matrix fits (K = N/4, one thread: N = 9216 307 -> 195 ms, N = 16384
-// 1022 -> 593 ms).
+// Largest N x N similarity matrix one sample may reserve (1 GiB: N = 16384 in float32). Past a
+// few thousand tokens the dot products are bound by reading all unit vectors at every step, so
+// GEMM rows win at any N whose matrix fits (K = N/4, one thread, full matrix: N = 9216 307 -> 195
+// ms, N = 16384 1022 -> 593 ms; row blocks took the latter to 200 ms).
 constexpr int64_t kSimilarityMatrixBytes = int64_t(1) << 30;
-// A GEMM computes all N columns at once far faster per column than dot products do (BLAS runs
-// ~20x more FLOP/s here); it pays off once the greedy will read at least one column in
-// kColumnsPerGemmColumn (measured with bench/bench_ops.py).
+// A GEMM computes rows far faster per value than dot products do (BLAS runs ~20x more FLOP/s
+// here), but guesses rows the greedy may never read; it pays off once the greedy will read at
+// least one row in kColumnsPerGemmColumn: at K = N/16 both take the same time (one thread,
+// N = 2304 to 9216, Dm = 64 and 1024).
 constexpr int64_t kColumnsPerGemmColumn = 16;
 // Tokens per thread chunk in a greedy pass: enough work to amortize waking a thread.
 constexpr int64_t kPassWorkPerChunk = int64_t(1) << 16;
