@@ -162,9 +162,10 @@ selected rows at each step, O(K^2 N)).
 
 Threads: {bench_ops.format_scaling(scaling)} (interleaved call by call).
 
-Where the op's time goes (each stage as its own op; "floor" is the work no implementation can skip:
-one N x N x Dm similarity bmm, plus one read of the tokens and, for 4-d attention, one of the attention,
-each timed as a sum over the tensor):
+Where the op's time goes (each stage as its own op; "floor" is the work no implementation can skip: the
+similarities of the K kept tokens to all N, a K x N x Dm bmm, since the greedy reads the row of each pick;
+one read of the tokens; for 4-d attention one read of the attention; each read timed as a sum over the
+tensor):
 
 {bench_ops.format_profile(profile)}
 

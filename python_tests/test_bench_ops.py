@@ -22,7 +22,7 @@ def test_profile_splits_the_op_into_stages_and_its_floor(capsys):
     out = capsys.readouterr().out
     assert "op / floor" in out and "with 1 thread" in out
     row = bench_ops.profile(bench_ops.QUICK["Q1"], repeats=2)
-    assert row["floor"] == row["bmm"] + row["read tokens"] + row["read attn"]  # Q1 has 4-d attention
+    assert row["floor"] == row["K rows"] + row["read tokens"] + row["read attn"]  # Q1 has 4-d attention
     assert all(row[stage] > 0 for stage in ("op", "importance", "select", "merge"))
 
 
