@@ -184,6 +184,25 @@ def profile(shape: Shape, *, repeats: int) -> dict:
     return row
 
 
+def importance_floor(*, keep_ratio: float = 0.25, repeats: int = 10) -> dict:
+    """SigLIP-so400m/384's importance at the default schedule's 4 pruning layers (all 729 query rows, 16 heads of
+    72, the token counts each layer sees at `keep_ratio`): importance_from_qk against the q @ k^T its logits need
+    alone (torch.matmul), summed over the layers; medians of interleaved calls."""
+    from evoprune_ext.encoder import schedule_keeps
+
+    counts = [729] + schedule_keeps(729, 0, keep_ratio, 4)[:-1]
+    g = torch.Generator().manual_seed(0)
+    total = {"importance_from_qk": 0.0, "q @ k^T": 0.0}
+    with torch.inference_mode():
+        for n in counts:
+            q, k = torch.randn(1, 16, n, 72, generator=g), torch.randn(1, 16, n, 72, generator=g)
+            times = measure({"importance_from_qk": lambda: torch.ops.evoprune.importance_from_qk(q, k, 72**-0.5),
+                             "q @ k^T": lambda: torch.matmul(q, k.transpose(-1, -2))}, repeats=repeats, device="cpu")
+            for name, t in times.items():
+                total[name] += 1e3 * statistics.median(t)
+    return {"token_counts": counts, **{f"{name} ms": ms for name, ms in total.items()}}
+
+
 PROFILE_COLUMNS = ["op", "importance", "select", "merge", "bmm", "K rows", "read attn", "read tokens", "floor"]
 
 

@@ -50,3 +50,10 @@ def test_report_reuses_only_the_long_sections():
     for bad in (["--reuse", "ops"], ["--reuse", "quality", "--quick"]):
         with pytest.raises(SystemExit):
             report.main(bad)
+
+
+def test_importance_floor_covers_the_four_pruning_layers():
+    row = bench_ops.importance_floor(repeats=1)
+    assert row["token_counts"][0] == 729 and len(row["token_counts"]) == 4
+    assert row["token_counts"] == sorted(row["token_counts"], reverse=True)
+    assert row["importance_from_qk ms"] > 0 and row["q @ k^T ms"] > 0
