@@ -7,9 +7,9 @@
 // Extra memory: B * ceil(H*Q / kRowsPerSplit) * N accumulation values.
 // importance_from_qk: per (sample, head, block of query rows), one GEMM of the block's scaled
 // logits into per-thread scratch that stays in cache (kLogitValues), then the row softmax in place
-// (max, exp, sum: ATen's vectorized kernels) and its column sums as one GEMV weighted by the rows'
-// 1/sum. Threads take the (sample, head, block) units, each with its own column sums, added in unit
-// order (deterministic). At SigLIP's shape ([1,16,729,72], one thread) 16 ms against 56 ms for
+// (max, exp, sum: ATen's vectorized kernels) and its column sums weighted by the rows' 1/sum, rows in
+// order (add_weighted_rows). Threads take the (sample, head, block) units, each with its own column
+// sums, added in unit order (deterministic). At SigLIP's shape ([1,16,729,72], one thread) 16 ms against 56 ms for
 // materializing the softmax whole (csrc/composite.cpp, which CUDA keeps) and 24 ms for the
 // attention itself (SDPA).
 #include <ATen/ATen.h>
