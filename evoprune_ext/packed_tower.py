@@ -135,21 +135,28 @@ def prune_after_attention(
     apply_rotary,
     scaling: float,
     carried: list[Tensor],
+    all_heads=None,
 ) -> tuple[Tensor, Units, list[Tensor]]:
     """The pruning step of `attention_then_prune`, for a tower whose blocks are written differently (vLLM's):
     `hidden` [tokens, D], the residual stream after the attention; `queries`, `keys` [tokens, H, d], the
-    attention's projections before the rotary embedding. Returns (hidden of the units left, those units, carried)."""
+    attention's projections before the rotary embedding. `all_heads`, where these are only some of the heads
+    (tensor parallelism: the others are on other ranks): maps a float32 mean over these heads, [units, C], to the
+    mean over all heads. Returns (hidden of the units left, those units, carried)."""
     dim = hidden.shape[1]
-    metric = keys.float().mean(1).view(-1, UNIT, keys.shape[-1]).mean(1).to(hidden.dtype)
+    metric = keys.float().mean(1).view(-1, UNIT, keys.shape[-1]).mean(1)
     # Importance from the logits the attention computed: rotated queries and keys.
     queries, keys = apply_rotary(queries, keys, *units.position_embeddings)
     frame_tokens = [n * UNIT for n in units.frames]
     importance = torch.ops.evoprune.importance_from_qk_packed(
         queries.transpose(0, 1), keys.transpose(0, 1), scaling, q_lengths=frame_tokens, k_lengths=frame_tokens,
-    )
+    ).view(-1, UNIT).sum(1)
+    if all_heads is not None:
+        # Both are means over heads: one call for the two, and every rank holding heads then selects alike.
+        both = all_heads(torch.cat([metric, importance[:, None]], dim=1))
+        metric, importance = both[:, :-1], both[:, -1]
     out, index, sizes, slot = torch.ops.evoprune.prune_packed(
-        hidden.reshape(-1, UNIT * dim), importance.view(-1, UNIT).sum(1), lengths=units.frames, keep=keep,
-        metric=metric, sizes=units.sizes, alpha=alpha,
+        hidden.reshape(-1, UNIT * dim), importance, lengths=units.frames, keep=keep,
+        metric=metric.to(hidden.dtype), sizes=units.sizes, alpha=alpha,
     )
     # The packed slot never crosses frames, so the whole packed sequence merges as one batched sample.
     carried = [

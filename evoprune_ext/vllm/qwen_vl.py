@@ -11,6 +11,7 @@ digits in base 256, `value // 256` and `value % 256`, exact in bfloat16 and floa
 import numpy as np
 import torch
 from torch import Tensor
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.attention import MMEncoderAttention
 
 from evoprune_ext.encoder import kept_tokens
@@ -39,6 +40,17 @@ def _rotary(block):
     return apply
 
 
+def _all_heads(ranks: int):
+    """Under tensor parallelism each of `ranks` ranks holds as many of the tower's heads (the qkv projection is
+    split by heads; the hidden states are whole on every rank, after the row-parallel projection's all-reduce): the
+    mean over all heads is the mean of the ranks' means over theirs. One all-reduce of [units, head_dim + 1]
+    float32 per pruning step, and every rank holds the same values, so the deterministic selection keeps the same
+    units everywhere. None on one rank (or a tower run whole per rank, mm_encoder_tp_mode="data")."""
+    if ranks == 1:
+        return None
+    return lambda mean: tensor_model_parallel_all_reduce(mean) / ranks
+
+
 def _block_then_prune(block, hidden: Tensor, units: Units, keep: list[int], alpha: float, carried: list[Tensor],
                       **attention) -> tuple[Tensor, Units, list[Tensor]]:
     """A vLLM vision block (`attn(norm1(x))`, then `mlp(norm2(x))`, each added to the residual) with a pruning step
@@ -54,7 +66,8 @@ def _block_then_prune(block, hidden: Tensor, units: Units, keep: list[int], alph
     heads, head_dim = block.attn.num_attention_heads_per_partition, block.attn.hidden_size_per_attention_head
     queries, keys, _ = captured[0].reshape(hidden.shape[0], 3, heads, head_dim).unbind(1)
     hidden, units, carried = prune_after_attention(
-        (hidden + attended)[:, 0], queries, keys, units, keep, alpha, _rotary(block), head_dim**-0.5, carried
+        (hidden + attended)[:, 0], queries, keys, units, keep, alpha, _rotary(block), head_dim**-0.5, carried,
+        all_heads=_all_heads(block.attn.tp_size),
     )
     hidden = hidden[:, None]
     return hidden + block.mlp(block.norm2(hidden)), units, carried

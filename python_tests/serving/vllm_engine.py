@@ -3,10 +3,12 @@
     results = run_engine(tmp_path, model=DIR, requests=[request(PROMPT, images=1), ...], keep_ratio=0.25)
 
 `run_engine` writes the job as JSON and runs this file on it (`python vllm_engine.py JOB.json OUT.json`) with `ENV`:
-.ci/vllm-site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache. Images and videos are random
-pixels made from a seed in the subprocess, so a job stays small and the same request gives the same pixels in
-every engine. Each result: {"prompt": token ids, "output": token ids}. `run_transformers` gives the same from
-transformers (the parity tests); `visual_blocks(prompt)` lists a prompt's runs of placeholders.
+.ci/vllm-site/sitecustomize.py on the PYTHONPATH of every vLLM process, a 1 GiB KV cache, ranks not bound to cores
+(two ranks share this machine's cores). Images and videos are random pixels made from a seed in the subprocess, so a
+job stays small and the same request gives the same pixels in every engine. Each result: {"prompt": token ids,
+"output": token ids}, and with `logprobs=n` "logprobs": the top n {token id: logprob} of each output token.
+`run_transformers` gives the same from transformers (the parity tests); `visual_blocks(prompt)` lists a prompt's
+runs of placeholders.
 """
 
 import json
@@ -19,7 +21,7 @@ import numpy as np
 
 SITE = Path(__file__).resolve().parents[2] / ".ci" / "vllm-site"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")]),
-           VLLM_CPU_KVCACHE_SPACE="1")
+           VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
 IMAGE_SIDES = [(32, 32), (48, 24)]  # (width, height) pixels: 16 x 16 and 12 x 24 patches (64 and 72 units)
 VIDEO_SIDE = (32, 32)  # each video: 4 frames -> t = 2 of 16 x 16 patches
 
@@ -54,14 +56,14 @@ def request(prompt: str, *, images: int = 0, videos: int = 0, seed: int = 0) -> 
 
 def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str | None = None,
                keep_ratio: float | None = None, max_tokens: int = 8, passes: int = 1, dtype: str = "bfloat16",
-               engine: dict | None = None) -> list[dict]:
+               engine: dict | None = None, logprobs: int = 0) -> list[dict]:
     """Generate for `requests` in a fresh engine, `passes` times over (the results of each pass, in order: a later
     pass finds the prefix cache warm). architecture=None: vLLM's own model class, unpruned. `engine`: more
-    arguments of `vllm.LLM`."""
+    arguments of `vllm.LLM`. `logprobs`: the top so many logprobs of each output token, in the results."""
     job, out = tmp / "job.json", tmp / "out.json"
     job.write_text(json.dumps(dict(model=str(model), requests=requests, architecture=architecture,
                                    keep_ratio=keep_ratio, max_tokens=max_tokens, passes=passes, dtype=dtype,
-                                   engine=engine or {})))
+                                   engine=engine or {}, logprobs=logprobs)))
     subprocess.run([sys.executable, __file__, str(job), str(out)], env=ENV, check=True, timeout=900)
     return json.loads(out.read_text())
 
@@ -148,12 +150,22 @@ def main(job_path: str, out: str) -> None:
     most = {kind: max(spec[f"{kind}s"] for spec in job["requests"]) for kind in ("image", "video")}
     llm = LLM(model=job["model"], enforce_eager=True, dtype=job["dtype"], max_model_len=2048, hf_overrides=overrides,
               limit_mm_per_prompt=most, seed=0, **job["engine"])
+    sampling = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, logprobs=job["logprobs"] or None)
     results = []
     for _ in range(job["passes"]):
-        results += llm.generate([_inputs(spec) for spec in job["requests"]],
-                                SamplingParams(max_tokens=job["max_tokens"], temperature=0.0))
-    Path(out).write_text(json.dumps(
-        [{"prompt": list(r.prompt_token_ids), "output": list(r.outputs[0].token_ids)} for r in results]))
+        results += llm.generate([_inputs(spec) for spec in job["requests"]], sampling)
+    Path(out).write_text(json.dumps([_result(r, job["logprobs"]) for r in results]))
+
+
+def _result(output, logprobs: int) -> dict:
+    result = {"prompt": list(output.prompt_token_ids), "output": list(output.outputs[0].token_ids)}
+    if logprobs:
+        # The top `logprobs` of each step (vLLM adds the sampled token's when it is not among them).
+        result["logprobs"] = [
+            {str(token): entry.logprob for token, entry in sorted(step.items(), key=lambda kv: kv[1].rank)[:logprobs]}
+            for step in output.outputs[0].logprobs
+        ]
+    return result
 
 
 if __name__ == "__main__":

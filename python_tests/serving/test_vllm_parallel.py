@@ -1,0 +1,73 @@
+"""Serving on several ranks (vLLM's CPU build, 2 ranks, float32, greedy): for Qwen2.5-VL and Qwen3-VL, an image
+request and a video request give the same prompt, the same tokens and the same top-3 logprobs (within 1e-4) with
+two ranks as with one, whether the tower is split by heads (tensor_parallel_size=2) or runs whole on each rank on
+its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held to the same bar.
+One engine at a time, each in a subprocess (vllm_engine.py); the one-rank runs are shared by a family's tests."""
+
+import pytest
+from vllm_engine import IMAGE, VIDEO, request, run_engine, save_tiny_model, visual_blocks
+
+from evoprune_ext import random_models
+
+FAMILIES = {
+    "qwen2_5_vl": (random_models.qwen2_5_vl, "EvoPruneQwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": (random_models.qwen3_vl, "EvoPruneQwen3VLForConditionalGeneration"),
+}
+REQUESTS = [
+    request(f"USER : {IMAGE} what is in this image ASSISTANT :", images=1),
+    request(f"USER : {VIDEO} what is in this video ASSISTANT :", videos=1),
+]
+KEEP_RATIO = 0.5
+TWO_RANKS = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+TOLERANCE = 1e-4  # float32 sums over 1 and over 2 ranks differ in their last bits, no more
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory) -> tuple:
+    builder, architecture = FAMILIES[request.param]
+    return save_tiny_model(tmp_path_factory, builder), architecture
+
+
+def generate(tmp_path_factory, family, *, pruned: bool, **engine) -> list[dict]:
+    model_dir, architecture = family
+    return run_engine(tmp_path_factory.mktemp("run"), model=model_dir, requests=REQUESTS, dtype="float32",
+                      architecture=architecture if pruned else None, keep_ratio=KEEP_RATIO if pruned else None,
+                      max_tokens=6, logprobs=3, engine=engine)
+
+
+@pytest.fixture(scope="module")
+def one_rank(family, tmp_path_factory) -> dict:
+    """{pruned: results on one rank}: vLLM's own model (False) and EvoPrune's (True)."""
+    return {pruned: generate(tmp_path_factory, family, pruned=pruned) for pruned in (False, True)}
+
+
+def largest_logprob_difference(a: list[dict], b: list[dict]) -> float:
+    """The largest difference between the logprobs of a token both runs list at the same step."""
+    return max(abs(x[token] - y[token]) for p, q in zip(a, b) for x, y in zip(p["logprobs"], q["logprobs"])
+               for token in x.keys() & y.keys())
+
+
+def assert_same(two: list[dict], one: list[dict]) -> None:
+    for a, b in zip(two, one, strict=True):
+        assert a["prompt"] == b["prompt"] and a["output"] == b["output"]
+        assert [step.keys() for step in a["logprobs"]] == [step.keys() for step in b["logprobs"]]
+    assert largest_logprob_difference(two, one) <= TOLERANCE
+
+
+def test_vllm_own_model_two_ranks_as_one(family, one_rank, tmp_path_factory):
+    assert_same(generate(tmp_path_factory, family, pruned=False, **TWO_RANKS), one_rank[False])
+
+
+def test_evoprune_tensor_parallel_as_one_rank(family, one_rank, tmp_path_factory):
+    """Each rank holds half the tower's heads; the step sums importance and keys over all of them, so both ranks
+    keep the same units (otherwise the row-parallel projection after the step adds rows of different units)."""
+    one = one_rank[True]
+    assert [visual_blocks(r["prompt"]) for r in one] != [visual_blocks(r["prompt"]) for r in one_rank[False]]
+    assert_same(generate(tmp_path_factory, family, pruned=True, **TWO_RANKS), one)
+
+
+def test_evoprune_data_parallel_encoder_as_one_rank(family, one_rank, tmp_path_factory):
+    """Each rank runs the whole tower on its share of the items (here one each: the image request's image goes to
+    one rank, the other runs none) and the kept units are gathered, positions with them."""
+    data = generate(tmp_path_factory, family, pruned=True, mm_encoder_tp_mode="data", **TWO_RANKS)
+    assert_same(data, one_rank[True])
