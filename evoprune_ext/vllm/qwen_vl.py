@@ -8,11 +8,19 @@ The positions travel in the embeddings' dtype, and bfloat16 holds integers exact
 round above it: a 5-minute video at 2 fps puts the text after it one position off). So each value goes as two
 digits in base 256, `value // 256` and `value % 256`, exact in bfloat16 and float16 up to 65535: 8 channels."""
 
+import itertools
+
 import numpy as np
 import torch
-from torch import Tensor
-from vllm.distributed import tensor_model_parallel_all_reduce
+from torch import Tensor, nn
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.layers.attention import MMEncoderAttention
+from vllm.model_executor.models.vision import get_load_balance_assignment
 
 from evoprune_ext.encoder import kept_tokens
 from evoprune_ext.packed_tower import MERGE, Units, patch_tower, prune_after_attention
@@ -148,8 +156,6 @@ class EvoPruneQwenVL:
     def _evoprune_patch(self, tower: type, forward) -> None:
         """Make the tower run `forward` with the options of hf_overrides["evoprune"]."""
         options = evoprune_options(self.config)
-        if self.use_data_parallel:
-            raise NotImplementedError("EvoPrune's tower does not run data-parallel (mm_encoder_tp_mode='data')")
         patch_tower(self.visual, tower, forward, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
                     alpha=options.get("alpha"))
         # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.
@@ -166,9 +172,44 @@ class EvoPruneQwenVL:
             raise NotImplementedError(f"EvoPrune prunes inside the tower: {modality} embeddings cannot be pruned")
         grid = inputs[f"{modality}_grid_thw"].tolist()
         pixels = inputs["pixel_values_videos" if modality == "video" else "pixel_values"]
+        if self.use_data_parallel:
+            return self._evoprune_sharded(pixels, grid, t_factors)
+        return self._evoprune_items(pixels, grid, t_factors)
+
+    def _evoprune_items(self, pixels: Tensor, grid: list[list[int]], t_factors: list[float]) -> tuple[Tensor, ...]:
+        """The tower on these items: each item's kept units, their positions appended."""
         embeds = self.visual(pixels, grid_thw=grid)
         kept = self.visual.evoprune_state.kept
         return tuple(
             torch.cat([rows, encode_positions(_kept_positions(size, units, factor), rows.dtype)], dim=1)
             for rows, size, units, factor in zip(embeds.split([len(u) for u in kept]), grid, kept, t_factors)
         )
+
+    def _evoprune_sharded(self, pixels: Tensor, grid: list[list[int]], t_factors: list[float]) -> tuple[Tensor, ...]:
+        """mm_encoder_tp_mode="data": `_evoprune_items` on each rank for its share of the items (vLLM's assignment,
+        balanced by patches), then gathered. vLLM's `run_dp_sharded_mrope_vision_model` does the same but cuts the
+        gathered rows by unpruned counts; an item's kept count is as static (t * round(h/2 * w/2 * keep_ratio)),
+        so every rank knows where each item's rows lie, and the positions travel with them."""
+        ranks, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        patches = [t * h * w for t, h, w in grid]
+        order, counts, _ = get_load_balance_assignment(patches, ranks)
+        bounds = [0, *itertools.accumulate(counts)]
+        shares = [order[start:end] for start, end in zip(bounds, bounds[1:])]
+        keep_ratio = self.visual.evoprune_state.keep_ratio
+        rows = [t * kept_tokens((h // MERGE) * (w // MERGE), keep_ratio) for t, h, w in grid]
+        first = [0, *itertools.accumulate(patches)]
+        mine = shares[rank]
+        if mine:
+            local = torch.cat(self._evoprune_items(torch.cat([pixels[first[i] : first[i + 1]] for i in mine]),
+                                                   [grid[i] for i in mine], [t_factors[i] for i in mine]))
+        else:  # more ranks than items
+            local = pixels.new_empty((0, self.visual.out_hidden_size + POSITION_CHANNELS), dtype=self.visual.dtype)
+        # all_gather takes equal shapes: every rank pads to the longest share.
+        longest = max(sum(rows[i] for i in share) for share in shares)
+        gathered = tensor_model_parallel_all_gather(nn.functional.pad(local, (0, 0, 0, longest - len(local))), dim=0)
+        items = [None] * len(grid)
+        for share, block in zip(shares, gathered.split(longest)):
+            offsets = [0, *itertools.accumulate(rows[i] for i in share)]
+            for i, start, end in zip(share, offsets, offsets[1:]):
+                items[i] = block[start:end]
+        return tuple(items)
