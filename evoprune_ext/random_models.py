@@ -1,5 +1,5 @@
 """Random-weight multimodal LLMs with working processors, built locally (nothing is downloaded): LLaVA-1.5
-(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL, at tiny shapes for tests or at real shapes
+(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL (and its MoE), at tiny shapes for tests or at real shapes
 for the demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video
 placeholders as special tokens; the generated text is meaningless, the token counts and timings are real.
 """
@@ -151,6 +151,16 @@ def qwen3_vl(*, attention: str = "sdpa", seed: int = 0, text: dict | None = None
     that replace the tiny ones (as `qwen2_5_vl`'s)."""
     model, words = _qwen_vl(transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
                             TINY_QWEN3_VISION, dict(TINY_TEXT, **(text or {})), attention=attention, seed=seed,
+                            interleaved=True)
+    return model, _qwen_vl_processor(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", words, 2)
+
+
+def qwen3_vl_moe(*, attention: str = "sdpa", seed: int = 0, text: dict | None = None):
+    """(Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor or None): `qwen3_vl` with a mixture-of-experts LM
+    (4 experts of width 32, 2 per token, in every layer)."""
+    moe = dict(TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    model, words = _qwen_vl(transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration,
+                            TINY_QWEN3_VISION, dict(moe, **(text or {})), attention=attention, seed=seed,
                             interleaved=True)
     return model, _qwen_vl_processor(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", words, 2)
 

@@ -12,6 +12,8 @@ __all__ = ["ARCHITECTURES", "register"]
 ARCHITECTURES = {
     "EvoPruneQwen2_5_VLForConditionalGeneration": "evoprune_ext.vllm.qwen2_5_vl:EvoPruneQwen2_5_VLForConditionalGeneration",
     "EvoPruneQwen3VLForConditionalGeneration": "evoprune_ext.vllm.qwen3_vl:EvoPruneQwen3VLForConditionalGeneration",
+    "EvoPruneQwen3VLMoeForConditionalGeneration":
+        "evoprune_ext.vllm.qwen3_vl:EvoPruneQwen3VLMoeForConditionalGeneration",
 }
 
 

@@ -29,6 +29,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
@@ -43,7 +44,8 @@ from evoprune_ext.vllm.qwen_vl import (
     split_positions,
 )
 
-__all__ = ["EvoPruneQwen3VLForConditionalGeneration", "EvoPruneQwen3VLMultiModalProcessor"]
+__all__ = ["EvoPruneQwen3VLForConditionalGeneration", "EvoPruneQwen3VLMoeForConditionalGeneration",
+           "EvoPruneQwen3VLMultiModalProcessor"]
 
 
 def _cut_runs(replacement, token: int, units: int, kept: int):
@@ -183,6 +185,15 @@ class EvoPruneQwen3VLForConditionalGeneration(EvoPruneQwenVL, Qwen3VLForConditio
 
     def _process_video_input(self, video_input) -> tuple[Tensor, ...]:
         return self._evoprune_embeds("video", video_input, [0.0] * len(video_input["video_grid_thw"]))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    EvoPruneQwen3VLMultiModalProcessor, info=Qwen3VLMoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class EvoPruneQwen3VLMoeForConditionalGeneration(EvoPruneQwen3VLForConditionalGeneration,
+                                                 Qwen3VLMoeForConditionalGeneration):
+    """Qwen3-VL-MoE: vLLM's subclass builds a mixture-of-experts LM around the same tower and the same
+    processing, so EvoPrune's Qwen3-VL pieces apply as they are (the MRO runs vLLM's MoE __init__)."""
 
 
 def _frame_features(mm_features):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from vllm.distributed import (
+    get_pp_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_gather,
@@ -156,6 +157,13 @@ class EvoPruneQwenVL:
     def _evoprune_patch(self, tower: type, forward) -> None:
         """Make the tower run `forward` with the options of hf_overrides["evoprune"]."""
         options = evoprune_options(self.config)
+        if get_pp_group().world_size > 1:
+            raise ValueError(
+                "EvoPrune does not run with pipeline_parallel_size > 1: vLLM recomputes the kept units' M-RoPE "
+                "positions on the first pipeline stage only (where the encoder runs), so the later stages would "
+                "attend with stand-in positions. Use tensor_parallel_size (with mm_encoder_tp_mode='data' for the "
+                "tower, if you like) instead"
+            )
         patch_tower(self.visual, tower, forward, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
                     alpha=options.get("alpha"))
         # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.

@@ -4,6 +4,8 @@ two ranks as with one, whether the tower is split by heads (tensor_parallel_size
 its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held to the same bar.
 One engine at a time, each in a subprocess (vllm_engine.py); the one-rank runs are shared by a family's tests."""
 
+import subprocess
+
 import pytest
 from vllm_engine import IMAGE, VIDEO, request, run_engine, save_tiny_model, visual_blocks
 
@@ -71,3 +73,13 @@ def test_evoprune_data_parallel_encoder_as_one_rank(family, one_rank, tmp_path_f
     one rank, the other runs none) and the kept units are gathered, positions with them."""
     data = generate(tmp_path_factory, family, pruned=True, mm_encoder_tp_mode="data", **TWO_RANKS)
     assert_same(data, one_rank[True])
+
+
+def test_pipeline_parallelism_is_refused(tmp_path_factory, capfd):
+    """The later pipeline stages never see the kept units' positions (vLLM recomputes them on the first stage
+    only): the model refuses to load, saying what to use instead."""
+    model_dir, architecture = save_tiny_model(tmp_path_factory, random_models.qwen2_5_vl), FAMILIES["qwen2_5_vl"][1]
+    with pytest.raises(subprocess.CalledProcessError):
+        run_engine(tmp_path_factory.mktemp("run"), model=model_dir, requests=REQUESTS[:1], architecture=architecture,
+                   keep_ratio=KEEP_RATIO, engine=dict(pipeline_parallel_size=2, distributed_executor_backend="mp"))
+    assert "EvoPrune does not run with pipeline_parallel_size > 1" in "".join(capfd.readouterr())

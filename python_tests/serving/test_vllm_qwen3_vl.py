@@ -152,3 +152,16 @@ def test_cut_runs_checks_frames():
     assert _cut_runs([1, 5, 5, 5, 5, 2, 1, 5, 5, 5, 5, 2], 5, 4, 1) == [1, 5, 2, 1, 5, 2]
     with pytest.raises(ValueError, match="a frame of 3 placeholders, expected 4"):
         _cut_runs([1, 5, 5, 5, 2], 5, 4, 1)
+
+
+def test_moe_keep_ratio_one_is_vllm_and_pruned_counts(tmp_path_factory):
+    """Qwen3-VL-MoE (vLLM's subclass: a mixture-of-experts LM around the same tower): keep_ratio=1 gives vLLM's own
+    tokens, 0.5 the pruned count in every image and frame."""
+    model_dir = save_tiny_model(tmp_path_factory, random_models.qwen3_vl_moe)
+    runs = {ratio: run_engine(tmp_path_factory.mktemp("moe"), model=model_dir, requests=REQUESTS, keep_ratio=ratio,
+                              architecture=None if ratio is None else "EvoPruneQwen3VLMoeForConditionalGeneration")
+            for ratio in (None, 1.0, 0.5)}
+    assert runs[1.0] == runs[None]
+    for full, pruned in zip(runs[None], runs[0.5]):
+        assert visual_blocks(pruned["prompt"]) == [(name, round(n * 0.5)) for name, n in visual_blocks(full["prompt"])]
+        assert len(pruned["output"]) == 8
