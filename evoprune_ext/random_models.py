@@ -157,8 +157,11 @@ def qwen3_vl(*, attention: str = "sdpa", seed: int = 0, text: dict | None = None
 
 def qwen3_vl_moe(*, attention: str = "sdpa", seed: int = 0, text: dict | None = None):
     """(Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor or None): `qwen3_vl` with a mixture-of-experts LM
-    (4 experts of width 32, 2 per token, in every layer)."""
-    moe = dict(TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    (4 experts of width 96, 2 per token, in every layer; `norm_topk_prob`, which vLLM reads, as transformers'
+    Qwen3-VL-MoE always does). The experts' widths differ from the LM's: no expert weight is square, so
+    transformers' loader can tell the checkpoints' layout from its own (it transposes only non-square ones)."""
+    moe = dict(TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1,
+               norm_topk_prob=True)
     model, words = _qwen_vl(transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration,
                             TINY_QWEN3_VISION, dict(moe, **(text or {})), attention=attention, seed=seed,
                             interleaved=True)

@@ -4,6 +4,8 @@ visual token counts per block (an image, or one video frame after its timestamp)
 of each, and generation runs; chunked prefill and a warm prefix cache change nothing.
 One engine at a time, each in a subprocess (vllm_engine.py)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -154,10 +156,26 @@ def test_cut_runs_checks_frames():
         _cut_runs([1, 5, 5, 5, 2], 5, 4, 1)
 
 
+def save_published_moe(tmp_path_factory) -> Path:
+    """The tiny Qwen3-VL-MoE saved as the published checkpoints hold it: transformers (5.19) saves the fused
+    experts as it holds them, [experts, out, in], but the checkpoints, which vLLM's loader reads as they are and
+    transformers' loader transposes, hold [experts, in, out]. Checked: transformers reads back the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = save_tiny_model(tmp_path_factory, random_models.qwen3_vl_moe)
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    save_file({name: weight.transpose(1, 2).contiguous() if ".mlp.experts." in name else weight
+               for name, weight in weights.items()}, path, metadata={"format": "pt"})
+    loaded = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(loaded[name], weight) for name, weight in weights.items())
+    return model_dir
+
+
 def test_moe_keep_ratio_one_is_vllm_and_pruned_counts(tmp_path_factory):
     """Qwen3-VL-MoE (vLLM's subclass: a mixture-of-experts LM around the same tower): keep_ratio=1 gives vLLM's own
     tokens, 0.5 the pruned count in every image and frame."""
-    model_dir = save_tiny_model(tmp_path_factory, random_models.qwen3_vl_moe)
+    model_dir = save_published_moe(tmp_path_factory)
     runs = {ratio: run_engine(tmp_path_factory.mktemp("moe"), model=model_dir, requests=REQUESTS, keep_ratio=ratio,
                               architecture=None if ratio is None else "EvoPruneQwen3VLMoeForConditionalGeneration")
             for ratio in (None, 1.0, 0.5)}
