@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from vllm.model_executor.layers.attention import MMEncoderAttention
 
-from evoprune_ext.encoder import kept_tokens
-from evoprune_ext.packed_tower import MERGE, Units, patch_tower, prune_after_attention
+from evoprune_ext.schedule import MERGE, kept_tokens
+from evoprune_ext.towers.packed import PackedTower, Units, prune_after_attention
 
 __all__ = ["EvoPruneQwenVL", "encode_positions", "evoprune_options", "split_positions"]
 
@@ -132,12 +132,12 @@ class EvoPruneQwenVL:
 
     evoprune_prunes_positions = True  # the runner must recompute M-RoPE positions (evoprune_ext.vllm)
 
-    def _evoprune_patch(self, tower: type, forward) -> None:
-        """Make the tower run `forward` with the options of hf_overrides["evoprune"]."""
+    def _evoprune_patch(self, tower: PackedTower) -> None:
+        """Patch the tower (vLLM's, described by `tower`) with the options of hf_overrides["evoprune"]."""
         options = evoprune_options(self.config)
         if self.use_data_parallel:
             raise NotImplementedError("EvoPrune's tower does not run data-parallel (mm_encoder_tp_mode='data')")
-        patch_tower(self.visual, tower, forward, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
+        tower.patch(self.visual, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
                     alpha=options.get("alpha"))
         # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.
         self.is_multimodal_pruning_enabled = True
