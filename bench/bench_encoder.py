@@ -137,7 +137,8 @@ def _ops_share_of_one_pass(model, pixels) -> float:
 
 def bench_encoder(name: str, *, ratios, batch: int, warmup: int, repeats: int, layers=None, log=print) -> list[dict]:
     import evoprune_ext
-    from evoprune_ext.encoder import default_layers, evoprune_step, schedule_keeps
+    from evoprune_ext.pruning import evoprune_step
+    from evoprune_ext.schedule import default_layers, schedule_keeps
 
     family, config = ENCODERS[name]
     model = build(family, config)

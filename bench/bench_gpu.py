@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import evoprune_ext  # noqa: E402
 from bench_encoder import ENCODERS, build, encoder_flops, tokens_per_layer  # noqa: E402
 from bench_ops import SHAPES, Shape, make_inputs  # noqa: E402
-from evoprune_ext.encoder import default_layers, evoprune_step, schedule_keeps  # noqa: E402
+from evoprune_ext.pruning import evoprune_step  # noqa: E402
+from evoprune_ext.schedule import default_layers, schedule_keeps  # noqa: E402
 
 ops = torch.ops.evoprune
 TARGET = Shape("select N=4096 B=64 K=1024", 64, 4096, 64, 64, 1024)

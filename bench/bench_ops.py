@@ -188,7 +188,7 @@ def importance_floor(*, keep_ratio: float = 0.25, repeats: int = 10) -> dict:
     """SigLIP-so400m/384's importance at the default schedule's 4 pruning layers (all 729 query rows, 16 heads of
     72, the token counts each layer sees at `keep_ratio`): importance_from_qk against the q @ k^T its logits need
     alone (torch.matmul), summed over the layers; medians of interleaved calls."""
-    from evoprune_ext.encoder import schedule_keeps
+    from evoprune_ext.schedule import schedule_keeps
 
     counts = [729] + schedule_keeps(729, 0, keep_ratio, 4)[:-1]
     g = torch.Generator().manual_seed(0)

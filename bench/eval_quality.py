@@ -80,7 +80,7 @@ NUM_CLASSES = 10  # one sigmoid output per digit class
 TEST_IMAGES = 2000
 RETENTIONS = [1.0, 0.75, 0.5, 0.25, 0.125]
 ALPHAS = [0.0, 0.1, 0.3, 0.5, 1.0]
-# Skip schedules in the wrapper's terms (evoprune_ext.encoder.default_layers): prune at layers first, first + every,
+# Skip schedules in the wrapper's terms (evoprune_ext.schedule.default_layers): prune at layers first, first + every,
 # ... (0-based), at most `steps` times, never in the last layer. The wrapper's current default joins them at run time.
 SCHEDULES = {
     "one step at 1": dict(first=1, every=1, steps=1),
@@ -289,14 +289,14 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def schedule_layers(num_layers: int, first: int, every: int, steps: int) -> list[int]:
-    """The wrapper's skip-schedule rule (evoprune_ext.encoder.default_layers) with explicit parameters."""
+    """The wrapper's skip-schedule rule (evoprune_ext.schedule.default_layers) with explicit parameters."""
     last = max(num_layers - 2, 0)
     return list(range(min(first, last), last + 1, every))[:steps]
 
 
 def schedules_for(num_layers: int, smoke: bool = False) -> dict[str, list[int]]:
     """Name -> layers of every schedule evaluated, the wrapper's current default included (once)."""
-    from evoprune_ext.encoder import DEFAULT_EVERY, DEFAULT_FIRST_LAYER, default_layers
+    from evoprune_ext.schedule import DEFAULT_EVERY, DEFAULT_FIRST_LAYER, default_layers
 
     named = {name: schedule_layers(num_layers, **p) for name, p in SCHEDULES.items()}
     default = default_layers(num_layers)
@@ -313,7 +313,7 @@ def schedules_for(num_layers: int, smoke: bool = False) -> dict[str, list[int]]:
 def schedule_flops(config: dict, layers: list[int], retention: float) -> float:
     """FLOPs of the encoder pruned with `layers` to `retention` (bench_encoder's count), to break ties."""
     from bench_encoder import encoder_flops, tokens_per_layer
-    from evoprune_ext.encoder import schedule_keeps
+    from evoprune_ext.schedule import schedule_keeps
 
     tokens = (config["image_size"] // config["patch_size"]) ** 2 + 1
     keeps = schedule_keeps(tokens, 1, retention, len(layers))

@@ -20,7 +20,7 @@ import numpy
 import torch
 
 from evoprune_ext import reference
-from evoprune_ext.encoder import patch, unpatch
+from evoprune_ext.patching import patch, unpatch
 
 KEEP_RATIOS = (0.5, 0.25, 0.125)
 PICTURE_KEEP_RATIO = 0.25

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import evoprune_ext  # noqa: F401  (registers torch.ops.evoprune.*)
-from evoprune_ext.encoder import default_layers, evoprune_step, kept_tokens, patch, schedule_keeps, unpatch
+from evoprune_ext import kept_tokens, patch, unpatch
+from evoprune_ext.pruning import evoprune_step
+from evoprune_ext.schedule import default_layers, schedule_keeps
 
 transformers = pytest.importorskip("transformers")
 

@@ -112,31 +112,47 @@ def test_tome_one_matching_merges_a_into_b():
         assert len({slot[b, k].item() for k in bset}) == len(bset)
 
 
-def naive_divprune(metric, k):
-    """Max-min diversity, one sample, plain Python: the token farthest from its nearest neighbour first, then
-    repeatedly the token whose minimum cosine distance to the chosen ones is largest (first index on ties)."""
+def is_max_min_greedy(metric, kept: set[int], tol: float = 1e-6) -> bool:
+    """Whether `kept` is what max-min diversity can pick from `metric` (one sample, plain Python, float64): the
+    token farthest from its nearest neighbour first, then repeatedly a token whose minimum cosine distance to the
+    chosen ones is largest. Scores within `tol` of the largest are ties, which rounding decides; the first pick
+    always ties (a token and its nearest neighbour are as far from their nearest), so every tie is tried."""
     u = metric / metric.norm(dim=-1, keepdim=True)
     n = len(u)
     dist = [[1.0 - float(u[i] @ u[j]) for j in range(n)] for i in range(n)]
-    chosen = [max(range(n), key=lambda j: (min(dist[i][j] for i in range(n) if i != j), -j))]
-    while len(chosen) < k:
+
+    def extend(chosen):
+        if len(chosen) == len(kept):
+            return True
         rest = [j for j in range(n) if j not in chosen]
-        chosen.append(max(rest, key=lambda j: (min(dist[i][j] for i in chosen), -j)))
-    return chosen
+        if chosen:
+            score = {j: min(dist[i][j] for i in chosen) for j in rest}
+        else:
+            score = {j: min(dist[i][j] for i in range(n) if i != j) for j in rest}
+        best = max(score.values())
+        return any(extend(chosen + [j]) for j in rest if j in kept and score[j] >= best - tol)
+
+    return extend([])
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("protect", [0, 1, 2])
-def test_divprune_equals_naive_max_min(seed, protect):
+def test_divprune_is_the_max_min_greedy(seed, protect):
     hidden, metric, importance, sizes = inputs(b=2, n=16, dm=3, seed=seed)
     keep = 9
     out, sizes_out, slot = divprune(hidden, metric, importance, sizes, keep=keep, protect=protect)
     for b in range(2):
-        picks = [protect + j for j in naive_divprune(metric[b, protect:].double(), keep - protect)]
-        index = sorted(list(range(protect)) + picks)
-        assert [j for j in range(16) if slot[b, j] >= 0] == index
+        index = [j for j in range(16) if slot[b, j] >= 0]
+        assert index[:protect] == list(range(protect)) and len(index) == keep
+        assert is_max_min_greedy(metric[b, protect:].double(), {j - protect for j in index[protect:]})
         torch.testing.assert_close(out[b], hidden[b, index], rtol=0, atol=0)
         assert (slot[b][[j for j in range(16) if j not in index]] == -1).all()
+
+
+def test_the_max_min_check_rejects_other_picks():
+    metric = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    assert is_max_min_greedy(metric, {0, 3})  # the opposite pair is the farthest
+    assert not is_max_min_greedy(metric, {0, 1})
 
 
 def test_topk_attention_keeps_the_most_important_with_low_index_ties():

@@ -9,11 +9,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VisionTransformerPretrainedModel,
 )
 
-from evoprune_ext.adapters.qwen2_5_vl import (  # noqa: E402
-    patch_qwen2_5_vl_tower,
-    unpatch_qwen2_5_vl_tower,
-)
-from evoprune_ext.packed_tower import WindowUnits  # noqa: E402
+from evoprune_ext import patch, unpatch  # noqa: E402
+from evoprune_ext.towers.packed import WindowUnits  # noqa: E402
 
 # Two images of different sizes and a 3-frame video (grid in patches: t, h, w); windows of 2x2 units.
 GRID = torch.tensor([[1, 8, 12], [1, 6, 6], [3, 4, 10]])
@@ -38,7 +35,7 @@ def test_keep_ratio_one_reproduces_the_tower(attn, dtype):
     tower, pixels = make_tower(attn, dtype)
     with torch.no_grad():
         want = tower(pixels, grid_thw=GRID)
-        patch_qwen2_5_vl_tower(tower, keep_ratio=1.0)
+        patch(tower, keep_ratio=1.0)
         got = tower(pixels, grid_thw=GRID)
     assert torch.equal(got.pooler_output, want.pooler_output)
     assert torch.equal(got.last_hidden_state, want.last_hidden_state)
@@ -50,7 +47,7 @@ def test_keep_ratio_one_reproduces_the_tower(attn, dtype):
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
 def test_every_frame_keeps_its_static_count(attn, dtype, keep_ratio):
     tower, pixels = make_tower(attn, dtype)
-    patch_qwen2_5_vl_tower(tower, keep_ratio=keep_ratio)
+    patch(tower, keep_ratio=keep_ratio)
     with torch.no_grad():
         out = tower(pixels, grid_thw=GRID)
     frame_keeps = [round(n * keep_ratio) for n in FRAME_UNITS]
@@ -81,7 +78,7 @@ def test_pruned_rows_follow_the_kept_units():
                         for n in frame_units])
     with torch.no_grad():
         want = tower(pixels, grid_thw=grid).pooler_output
-        patch_qwen2_5_vl_tower(tower, keep_ratio=0.5, layers=[0], alpha=0.0)
+        patch(tower, keep_ratio=0.5, layers=[0], alpha=0.0)
         got = tower(pixels, grid_thw=grid).pooler_output
     kept = tower.evoprune_state.kept
     assert [len(k) for k in kept] == [12, 4]
@@ -107,18 +104,18 @@ def test_patch_arguments_and_unpatch():
     with torch.no_grad():
         want = tower(pixels, grid_thw=GRID).pooler_output
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 0"):
-        patch_qwen2_5_vl_tower(tower, keep_ratio=0)
+        patch(tower, keep_ratio=0)
     with pytest.raises(ValueError, match=r"layers must name at least one layer, each in \[0, 6\), got \[6\]"):
-        patch_qwen2_5_vl_tower(tower, keep_ratio=0.5, layers=[6])
+        patch(tower, keep_ratio=0.5, layers=[6])
     with pytest.raises(ValueError, match=r"layers must name at least one layer, each in \[0, 6\), got \[\]"):
-        patch_qwen2_5_vl_tower(tower, keep_ratio=0.5, layers=[])
-    with pytest.raises(TypeError, match="visual must be a Qwen2_5_VisionTransformerPretrainedModel"):
-        patch_qwen2_5_vl_tower(torch.nn.Linear(2, 2), keep_ratio=0.5)
-    patch_qwen2_5_vl_tower(tower, keep_ratio=0.02)
+        patch(tower, keep_ratio=0.5, layers=[])
+    with pytest.raises(TypeError, match="supports .*Qwen2_5_VisionTransformerPretrainedModel.*; got Linear"):
+        patch(torch.nn.Linear(2, 2), keep_ratio=0.5)
+    patch(tower, keep_ratio=0.02)
     assert tower.evoprune_state.layers == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="keep_ratio=0.02 keeps no unit of a frame of 9 units"):
         tower(pixels, grid_thw=GRID)
-    unpatch_qwen2_5_vl_tower(tower)
+    unpatch(tower)
     assert not hasattr(tower, "evoprune_state")
     with torch.no_grad():
         assert torch.equal(tower(pixels, grid_thw=GRID).pooler_output, want)

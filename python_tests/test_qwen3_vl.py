@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig  # noqa: E402
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel  # noqa: E402
 
-from evoprune_ext.adapters.qwen3_vl import patch_qwen3_vl_tower, unpatch_qwen3_vl_tower  # noqa: E402
+from evoprune_ext import patch, unpatch  # noqa: E402
 
 # Two images of different sizes and a 3-frame video (grid in patches: t, h, w).
 GRID = torch.tensor([[1, 8, 12], [1, 6, 6], [3, 4, 10]])
@@ -44,7 +44,7 @@ def test_keep_ratio_one_reproduces_the_tower(attn, dtype):
     tower, pixels = make_tower(attn, dtype)
     with torch.no_grad():
         want = tower(pixels, grid_thw=GRID)
-        patch_qwen3_vl_tower(tower, keep_ratio=1.0)
+        patch(tower, keep_ratio=1.0)
         got = tower(pixels, grid_thw=GRID)
     assert_same_output(got, want)
     assert [k.tolist() for k in tower.evoprune_state.kept] == [list(range(n)) for n in UNITS]
@@ -55,7 +55,7 @@ def test_keep_ratio_one_reproduces_the_tower(attn, dtype):
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
 def test_every_frame_keeps_its_static_count(attn, dtype, keep_ratio):
     tower, pixels = make_tower(attn, dtype)
-    patch_qwen3_vl_tower(tower, keep_ratio=keep_ratio)
+    patch(tower, keep_ratio=keep_ratio)
     with torch.no_grad():
         out = tower(pixels, grid_thw=GRID)
     frame_keeps = [round(n * keep_ratio) for n in FRAME_UNITS]
@@ -89,7 +89,7 @@ def test_pruned_rows_follow_the_kept_units():
                         for n in frame_units])
     with torch.no_grad():
         want = tower(pixels, grid_thw=grid)
-        patch_qwen3_vl_tower(tower, keep_ratio=0.5, layers=[1], alpha=0.0)
+        patch(tower, keep_ratio=0.5, layers=[1], alpha=0.0)
         got = tower(pixels, grid_thw=grid)
     kept = tower.evoprune_state.kept
     assert [len(k) for k in kept] == [12, 4]
@@ -109,7 +109,7 @@ def test_deepstack_features_carry_the_same_merges():
     for block in tower.blocks:
         for layer in (block.attn.proj, block.mlp.linear_fc2):
             torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
-    patch_qwen3_vl_tower(tower, keep_ratio=0.25, layers=[1, 3])
+    patch(tower, keep_ratio=0.25, layers=[1, 3])
     with torch.no_grad():
         out = tower(pixels.double(), grid_thw=GRID)
         for merger, feature in zip(tower.deepstack_merger_list, out.deepstack_features, strict=True):
@@ -121,16 +121,16 @@ def test_patch_arguments_and_unpatch():
     with torch.no_grad():
         want = tower(pixels, grid_thw=GRID)
     with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got 1.5"):
-        patch_qwen3_vl_tower(tower, keep_ratio=1.5)
+        patch(tower, keep_ratio=1.5)
     with pytest.raises(ValueError, match=r"layers must name at least one layer, each in \[0, 6\), got \[-1\]"):
-        patch_qwen3_vl_tower(tower, keep_ratio=0.5, layers=[-1])
-    with pytest.raises(TypeError, match="visual must be a Qwen3VLVisionModel, got Linear"):
-        patch_qwen3_vl_tower(torch.nn.Linear(2, 2), keep_ratio=0.5)
-    patch_qwen3_vl_tower(tower, keep_ratio=0.02)
+        patch(tower, keep_ratio=0.5, layers=[-1])
+    with pytest.raises(TypeError, match="supports .*Qwen3VLVisionModel.*; got Linear"):
+        patch(torch.nn.Linear(2, 2), keep_ratio=0.5)
+    patch(tower, keep_ratio=0.02)
     assert tower.evoprune_state.layers == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="keep_ratio=0.02 keeps no unit of a frame of 9 units"):
         tower(pixels, grid_thw=GRID)
-    unpatch_qwen3_vl_tower(tower)
+    unpatch(tower)
     assert not hasattr(tower, "evoprune_state")
     with torch.no_grad():
         assert_same_output(tower(pixels, grid_thw=GRID), want)

@@ -1,100 +1,43 @@
-"""The vision towers and multimodal LLMs `evoprune_ext.patch` knows, and the little that differs between them.
+"""The vision towers and multimodal LLM families `evoprune_ext.patch` knows: one module per family says only what
+differs (docs/ARCHITECTURE.md says how to add one).
 
-A tower is the module that holds `embeddings` and `encoder` (in transformers 5, `CLIPVisionModel` and
-`SiglipVisionModel`; in older releases their `vision_model`, a `CLIPVisionTransformer` / `SiglipVisionTransformer`).
-Its encoder layers and attention modules have the same structure in both families and are patched by
-`evoprune_ext.encoder` alone; an `Adapter` only says how to recognize the tower and what EvoPrune must know about
-its family.
+- towers: `clip.py`, `siglip.py` (`ViTTower`s, patched by `towers/vit.py`), `qwen2_5_vl.py`, `qwen3_vl.py`
+  (`PackedTower`s, written with `towers/packed.py`);
+- families around a tower (`Family`): `llava.py`, `llava_onevision.py`, `qwen_vl.py` (both Qwen-VL families).
 
-A multimodal LLM around a tower (LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) is a `Family`: the mixins that
-make its processor emit one placeholder per token the pruned tower keeps, and its model pack and position those
-tokens where it differs from the unpruned layout; the Qwen-VL families also patch their packed towers
-themselves. Each family's module says only that (`llava.py`, `llava_onevision.py`, `qwen_vl.py`).
+Importing this package imports transformers (`evoprune_ext.patch` checks its version first).
 """
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import nn
 
+from evoprune_ext.adapters import clip, llava, llava_onevision, qwen2_5_vl, qwen3_vl, qwen_vl, siglip
+from evoprune_ext.adapters.family import Family
+
+__all__ = ["FAMILIES", "SUPPORTED", "TOWERS", "find_family", "find_tower"]
+
+TOWERS = (clip.TOWER, siglip.TOWER, qwen2_5_vl.TOWER, qwen3_vl.TOWER)
+FAMILIES = (llava.FAMILY, llava_onevision.FAMILY, qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL)
+
 SUPPORTED = (
     "transformers' CLIPVisionModel / CLIPVisionTransformer, SiglipVisionModel / SiglipVisionTransformer, "
-    "or a model containing exactly one of them (LLaVA, LLaVA-OneVision, CLIPModel, ...); "
-    "Qwen2_5_VLForConditionalGeneration / Qwen2_5_VLModel, Qwen3VLForConditionalGeneration / Qwen3VLModel"
+    "Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel, or a model containing exactly one of them "
+    "(LLaVA, LLaVA-OneVision, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, CLIPModel, ...)"
 )
-
-
-@dataclass(frozen=True)
-class Adapter:
-    family: str
-    embeddings: type  # class of the tower's `embeddings`: this is how a tower is recognized
-    protect: int  # leading tokens always kept (CLIP's CLS)
-    cls_importance: bool  # importance = attention of the CLS query row (True) or mean over all query rows (False)
-    eager_attention: Callable  # the family's eager attention function (returns the probabilities)
-    head: str | None = None  # attribute of an attention-pooling head that should see the token sizes
-    head_mixin: type | None = None  # class mixed into that head to make it size-aware
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model: type  # the family's inner model class (holds the tower and the language model): how it is recognized
-    processor: type  # the processor class whose placeholders `processor_mixin` recounts
-    processor_mixin: type
-    model_mixin: type | None = None  # mixed into the inner model where pruned features are packed differently
-    # Towers that evoprune_ext.encoder does not patch itself (Qwen-VL's packed, windowed ones):
-    # patch_tower(inner, keep_ratio=, layers=, alpha=) -> the tower's state; unpatch_tower(inner) undoes it.
-    patch_tower: Callable | None = None
-    unpatch_tower: Callable | None = None
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as error:
-        raise ImportError("evoprune_ext.patch needs transformers: pip install evoprune_ext[hf]") from error
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    if not (5, 17) <= (major, minor) < (6, 0):
-        # The families override transformers' processor and model methods (placeholder counts, M-RoPE positions,
-        # feature packing); the tests pass from 5.17 to 5.24. 4.x encoder layers return tuples and pick attention
-        # classes differently from what encoder.py patches.
-        raise ImportError(
-            f"evoprune_ext.patch supports transformers>=5.17,<6 (tested 5.17 to 5.24), found {transformers.__version__}"
-        )
-
-
-def _adapters() -> list[Adapter]:
-    _transformers()
-    from evoprune_ext.adapters import clip, siglip
-
-    return [clip.ADAPTER, siglip.ADAPTER]
-
-
-def _families() -> list[Family]:
-    _transformers()
-    from evoprune_ext.adapters import llava, llava_onevision, qwen_vl
-
-    return [llava.FAMILY, llava_onevision.FAMILY, qwen_vl.QWEN2_5_VL, qwen_vl.QWEN3_VL]
 
 
 def find_family(model: nn.Module) -> tuple[nn.Module, Family] | tuple[None, None]:
     """The inner model of a known multimodal LLM family in `model` and its family, or (None, None)."""
     for module in model.modules():
-        for family in _families():
+        for family in FAMILIES:
             if isinstance(module, family.model):
                 return module, family
     return None, None
 
 
-def find_tower(model: nn.Module) -> tuple[nn.Module, Adapter]:
-    """The one vision tower inside `model` (possibly `model` itself) and its adapter; TypeError otherwise."""
-    adapters = _adapters()
-    found = [
-        (module, adapter)
-        for module in model.modules()
-        for adapter in adapters
-        if isinstance(getattr(module, "embeddings", None), adapter.embeddings) and hasattr(module, "encoder")
-    ]
+def find_tower(model: nn.Module):
+    """The one vision tower inside `model` (possibly `model` itself) and its `ViTTower` / `PackedTower`;
+    TypeError otherwise."""
+    found = [(module, tower) for module in model.modules() for tower in TOWERS if tower.recognizes(module)]
     if not found:
         raise TypeError(f"evoprune_ext.patch supports {SUPPORTED}; got {type(model).__name__}")
     if len(found) > 1:

@@ -2,9 +2,9 @@
 
 from transformers.models.clip import modeling_clip
 
-from evoprune_ext.adapters import Adapter
+from evoprune_ext.towers.vit import ViTTower
 
-ADAPTER = Adapter(
+TOWER = ViTTower(
     family="CLIP",
     embeddings=modeling_clip.CLIPVisionEmbeddings,
     protect=1,

@@ -4,8 +4,8 @@ features the tower returns, so only the processor changes: one placeholder per t
 from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.models.llava import modeling_llava, processing_llava
 
-from evoprune_ext.adapters import Family
-from evoprune_ext.encoder import kept_tokens
+from evoprune_ext.adapters.family import Family
+from evoprune_ext.schedule import kept_tokens
 
 
 class PrunedLlavaProcessor:
@@ -32,9 +32,24 @@ class PrunedLlavaProcessor:
         return self.num_additional_image_tokens - (self.vision_feature_select_strategy == "default")
 
 
+def check_feature_layers(config, layers: list[int], depth: int) -> None:
+    """The language model reads the tower's hidden states at `config.vision_feature_layer`: each must come after
+    the last pruning layer, or its token count would not be the pruned one the processor announces."""
+    chosen = config.vision_feature_layer
+    for feature_layer in [chosen] if isinstance(chosen, int) else chosen:
+        # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings).
+        produced_by = (feature_layer % (depth + 1)) - 1
+        if produced_by < layers[-1]:
+            raise ValueError(
+                f"layers: the model reads vision_feature_layer={feature_layer} (the output of layer {produced_by}), "
+                f"so every pruning layer must be <= {produced_by}; got {layers}"
+            )
+
+
 FAMILY = Family(
     name="LLaVA",
     model=modeling_llava.LlavaModel,
     processor=processing_llava.LlavaProcessor,
     processor_mixin=PrunedLlavaProcessor,
+    check_layers=check_feature_layers,
 )

@@ -15,8 +15,9 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_onevision import modeling_llava_onevision, processing_llava_onevision
 
-from evoprune_ext.adapters import Family
-from evoprune_ext.encoder import kept_tokens
+from evoprune_ext.adapters.family import Family
+from evoprune_ext.adapters.llava import check_feature_layers
+from evoprune_ext.schedule import kept_tokens
 
 
 class PrunedOnevisionModel:
@@ -82,4 +83,5 @@ FAMILY = Family(
     processor=processing_llava_onevision.LlavaOnevisionProcessor,
     processor_mixin=PrunedOnevisionProcessor,
     model_mixin=PrunedOnevisionModel,
+    check_layers=check_feature_layers,
 )

@@ -1,19 +1,20 @@
 """EvoPrune inside the Qwen2.5-VL vision tower (transformers' `Qwen2_5_VisionTransformerPretrainedModel`).
 
     visual = model.model.visual                          # or a bare tower
-    patch_qwen2_5_vl_tower(visual, keep_ratio=0.25)
+    evoprune_ext.patch(visual, keep_ratio=0.25)
     out = visual(pixel_values, grid_thw=grid_thw)        # out.pooler_output: the kept merge units, raster order
     visual.evoprune_state.kept                           # per grid_thw row: raster indices of the kept units
-    unpatch_qwen2_5_vl_tower(visual)
+    evoprune_ext.unpatch(visual)
 
-How whole 2x2 units are pruned per frame of the packed sequence: evoprune_ext/packed_tower.py. What differs here:
+How whole 2x2 units are pruned per frame of the packed sequence: evoprune_ext/towers/packed.py. What differs here:
 tokens run in window order (`window_index`), and most blocks attend within windows (`cu_window_seqlens`), only
 `fullatt_block_indexes` over whole frames. Kept units stay in window order, and the bookkeeping is rebuilt for
 them after each step: `cu_seqlens` (per frame), `cu_window_seqlens` (a window that lost all its units
 disappears), the rotary embeddings (gathered per kept unit) and the units' global raster ids, whose argsort
 restores the raster order of the kept units after the merger, as `argsort(window_index)` does unpruned.
 
-Only the tower is patched: the language model still expects `t*h*w/4` placeholders per image or video.
+A bare tower patched alone returns the kept units only; `evoprune_ext.patch` on the whole model also recounts
+the placeholders and positions them (`qwen_vl.py`).
 """
 
 import torch
@@ -27,25 +28,17 @@ from transformers.utils.generic import get_max_seqlen, merge_with_config_default
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from evoprune_ext.packed_tower import (
-    UNIT,
-    QwenPruneState,
-    WindowUnits,
-    attention_then_prune,
-    frame_units,
-    kept_units,
-    patch_tower,
-    unpatch_tower,
-)
+from evoprune_ext.schedule import UNIT, frame_units
+from evoprune_ext.towers.packed import PackedTower, WindowUnits, attention_then_prune, kept_units
 
-__all__ = ["QwenPruneState", "patch_qwen2_5_vl_tower", "unpatch_qwen2_5_vl_tower"]
+__all__ = ["TOWER", "PrunedQwen2_5_VisionTower"]
 
 
 @merge_with_config_defaults
 @capture_outputs
 def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseModelOutputWithPooling:
     """Qwen2_5_VisionTransformerPretrainedModel.forward with pruning steps at the scheduled layers."""
-    state = self.evoprune_state
+    state = self._evoprune
     grid = grid_thw.tolist()
     frames = frame_units(grid)
     keeps = state.keeps(frames)
@@ -96,19 +89,11 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=merged_hidden_states)
 
 
-def patch_qwen2_5_vl_tower(
-    visual: Qwen2_5_VisionTransformerPretrainedModel,
-    *,
-    keep_ratio: float,
-    layers: list[int] | None = None,
-    alpha: float | None = None,
-) -> Qwen2_5_VisionTransformerPretrainedModel:
-    """Make `visual` prune after the attention of `layers` (default: `encoder.default_layers`, early layers), so
-    that each frame keeps `round(units * keep_ratio)` of its 2x2 merge units. Returns `visual`."""
-    return patch_tower(visual, Qwen2_5_VisionTransformerPretrainedModel, _forward, keep_ratio=keep_ratio,
-                       layers=layers, alpha=alpha)
+class PrunedQwen2_5_VisionTower:
+    """Mixed into Qwen2_5_VisionTransformerPretrainedModel: its forward with pruning steps at the scheduled
+    layers."""
+
+    forward = _forward
 
 
-def unpatch_qwen2_5_vl_tower(visual: Qwen2_5_VisionTransformerPretrainedModel) -> None:
-    """Undo patch_qwen2_5_vl_tower."""
-    unpatch_tower(visual)
+TOWER = PackedTower("Qwen2.5-VL", Qwen2_5_VisionTransformerPretrainedModel, PrunedQwen2_5_VisionTower)

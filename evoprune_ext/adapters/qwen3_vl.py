@@ -1,12 +1,12 @@
 """EvoPrune inside the Qwen3-VL vision tower (transformers' `Qwen3VLVisionModel`).
 
     visual = model.model.visual                          # or a bare tower
-    patch_qwen3_vl_tower(visual, keep_ratio=0.25)
+    evoprune_ext.patch(visual, keep_ratio=0.25)
     out = visual(pixel_values, grid_thw=grid_thw)        # out.pooler_output, out.deepstack_features: kept units
     visual.evoprune_state.kept                           # per grid_thw row: raster indices of the kept units
-    unpatch_qwen3_vl_tower(visual)
+    evoprune_ext.unpatch(visual)
 
-How whole 2x2 units are pruned per frame of the packed sequence: evoprune_ext/packed_tower.py. What differs from
+How whole 2x2 units are pruned per frame of the packed sequence: evoprune_ext/towers/packed.py. What differs from
 Qwen2.5-VL:
 - No windows: tokens run in raster order of their units (the 4 tokens of a unit consecutive) and every block
   attends over whole frames. The kept units of a frame stay ascending, so the kept units stay in raster order and
@@ -18,7 +18,8 @@ Qwen2.5-VL:
   are carried until the last step), so every deepstack feature has exactly the kept units of `pooler_output`, in
   the same order. Their mergers run at the end, on the kept units only.
 
-Only the tower is patched: the language model still expects `t*h*w/4` placeholders per image or video.
+A bare tower patched alone returns the kept units only; `evoprune_ext.patch` on the whole model also recounts
+the placeholders and positions them (`qwen_vl.py`).
 """
 
 import torch
@@ -36,23 +37,17 @@ from transformers.vision_utils import (
     get_vision_position_ids,
 )
 
-from evoprune_ext.packed_tower import (
-    Units,
-    attention_then_prune,
-    frame_units,
-    kept_units,
-    patch_tower,
-    unpatch_tower,
-)
+from evoprune_ext.schedule import frame_units
+from evoprune_ext.towers.packed import PackedTower, Units, attention_then_prune, kept_units
 
-__all__ = ["patch_qwen3_vl_tower", "unpatch_qwen3_vl_tower"]
+__all__ = ["TOWER", "PrunedQwen3VisionTower"]
 
 
 @merge_with_config_defaults
 @capture_outputs
 def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseModelOutputWithDeepstackFeatures:
     """Qwen3VLVisionModel.forward with pruning steps at the scheduled layers."""
-    state = self.evoprune_state
+    state = self._evoprune
     grid = grid_thw.tolist()
     frames = frame_units(grid)
     keeps = state.keeps(frames)
@@ -98,19 +93,10 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     )
 
 
-def patch_qwen3_vl_tower(
-    visual: Qwen3VLVisionModel,
-    *,
-    keep_ratio: float,
-    layers: list[int] | None = None,
-    alpha: float | None = None,
-) -> Qwen3VLVisionModel:
-    """Make `visual` prune after the attention of `layers` (default: `encoder.default_layers`, early layers), so
-    that each frame keeps `round(units * keep_ratio)` of its 2x2 merge units, in the main and the deepstack
-    features alike. Returns `visual`."""
-    return patch_tower(visual, Qwen3VLVisionModel, _forward, keep_ratio=keep_ratio, layers=layers, alpha=alpha)
+class PrunedQwen3VisionTower:
+    """Mixed into Qwen3VLVisionModel: its forward with pruning steps at the scheduled layers."""
+
+    forward = _forward
 
 
-def unpatch_qwen3_vl_tower(visual: Qwen3VLVisionModel) -> None:
-    """Undo patch_qwen3_vl_tower."""
-    unpatch_tower(visual)
+TOWER = PackedTower("Qwen3-VL", Qwen3VLVisionModel, PrunedQwen3VisionTower)

@@ -25,10 +25,8 @@ import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl, processing_qwen2_5_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl, processing_qwen3_vl
 
-from evoprune_ext.adapters import Family
-from evoprune_ext.adapters.qwen2_5_vl import patch_qwen2_5_vl_tower, unpatch_qwen2_5_vl_tower
-from evoprune_ext.adapters.qwen3_vl import patch_qwen3_vl_tower, unpatch_qwen3_vl_tower
-from evoprune_ext.encoder import kept_tokens
+from evoprune_ext.adapters.family import Family
+from evoprune_ext.schedule import kept_tokens
 
 
 class PrunedQwenProcessor:
@@ -190,8 +188,6 @@ QWEN2_5_VL = Family(
     processor=processing_qwen2_5_vl.Qwen2_5_VLProcessor,
     processor_mixin=PrunedQwenProcessor,
     model_mixin=PrunedQwenModel,
-    patch_tower=lambda inner, **options: patch_qwen2_5_vl_tower(inner.visual, **options).evoprune_state,
-    unpatch_tower=lambda inner: unpatch_qwen2_5_vl_tower(inner.visual),
 )
 
 QWEN3_VL = Family(
@@ -200,6 +196,4 @@ QWEN3_VL = Family(
     processor=processing_qwen3_vl.Qwen3VLProcessor,
     processor_mixin=PrunedQwenProcessor,
     model_mixin=PrunedQwen3Model,
-    patch_tower=lambda inner, **options: patch_qwen3_vl_tower(inner.visual, **options).evoprune_state,
-    unpatch_tower=lambda inner: unpatch_qwen3_vl_tower(inner.visual),
 )

@@ -3,7 +3,7 @@ receives from all the others. Its attention-pooling head gets the tokens' sizes 
 
 from transformers.models.siglip import modeling_siglip
 
-from evoprune_ext.adapters import Adapter
+from evoprune_ext.towers.vit import ViTTower
 
 
 class SizeAwarePoolingHead:
@@ -24,7 +24,7 @@ class SizeAwarePoolingHead:
         return hidden_state[:, 0]
 
 
-ADAPTER = Adapter(
+TOWER = ViTTower(
     family="SigLIP",
     embeddings=modeling_siglip.SiglipVisionEmbeddings,
     protect=0,

@@ -5,7 +5,7 @@
 Three pieces, each a subclass of vLLM's own (what Qwen3-VL shares with them: `qwen_vl.py`):
 - the multimodal processor emits `t * round(h/2 * w/2 * keep_ratio)` placeholders per image or video (the counts
   the tower will keep), from the grid alone, before the encoder runs;
-- the tower (`Qwen2_5_VisionTransformer`) runs the plumbing of `evoprune_ext/packed_tower.py`: whole 2x2 units
+- the tower (`Qwen2_5_VisionTransformer`) runs the plumbing of `evoprune_ext/towers/packed.py`: whole 2x2 units
   pruned per frame after the attention of the scheduled blocks, window bookkeeping rebuilt after each step;
 - the model splits the tower's output by the kept counts and appends to each kept unit its original M-RoPE position
   (t, h, w) and the extent of the full grid (as base-256 digits, exact in bfloat16), vLLM's `SupportsMultiModalPruning` channels: the
@@ -29,14 +29,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from evoprune_ext.encoder import kept_tokens
-from evoprune_ext.packed_tower import (
-    MERGE,
-    UNIT,
-    WindowUnits,
-    frame_units,
-    kept_units,
-)
+from evoprune_ext.schedule import MERGE, UNIT, frame_units, kept_tokens
+from evoprune_ext.towers.packed import PackedTower, WindowUnits, kept_units
 from evoprune_ext.vllm.qwen_vl import (
     EvoPruneQwenVL,
     _attention_metadata,
@@ -69,7 +63,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     in raster order of (item, t, h/2, w/2)."""
     if encoder_metadata is not None:
         raise NotImplementedError("EvoPrune's tower runs eagerly (no encoder CUDA graphs)")
-    state = self.evoprune_state
+    state = self._evoprune
     grid = [[int(v) for v in row] for row in grid_thw]
     keeps = state.keeps(frame_units(grid))
     metadata = self.prepare_encoder_metadata(grid)
@@ -104,6 +98,15 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     return self.merger(hidden)[torch.argsort(units.ids)]
 
 
+class PrunedVisionTower:
+    """Mixed into vLLM's Qwen2_5_VisionTransformer."""
+
+    forward = _forward
+
+
+TOWER = PackedTower("Qwen2.5-VL", Qwen2_5_VisionTransformer, PrunedVisionTower)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     EvoPruneQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
@@ -112,7 +115,7 @@ class EvoPruneQwen2_5_VLForConditionalGeneration(EvoPruneQwenVL, Qwen2_5_VLForCo
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._evoprune_patch(Qwen2_5_VisionTransformer, _forward)
+        self._evoprune_patch(TOWER)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
         """vLLM's positions, computed before the encoder, for blocks of the pruned counts: each frame's first units

@@ -33,8 +33,8 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
-from evoprune_ext.encoder import kept_tokens
-from evoprune_ext.packed_tower import MERGE, Units, frame_units, kept_units
+from evoprune_ext.schedule import MERGE, frame_units, kept_tokens
+from evoprune_ext.towers.packed import PackedTower, Units, kept_units
 from evoprune_ext.vllm.qwen_vl import (
     EvoPruneQwenVL,
     _attention_metadata,
@@ -84,7 +84,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     deepstack features side by side, in raster order of (item, t, h/2, w/2)."""
     if encoder_metadata is not None:
         raise NotImplementedError("EvoPrune's tower runs eagerly (no encoder CUDA graphs)")
-    state = self.evoprune_state
+    state = self._evoprune
     grid = [[int(v) for v in row] for row in grid_thw]
     frames = frame_units(grid)
     keeps = state.keeps(frames)
@@ -119,6 +119,15 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
                      dim=1)
 
 
+class PrunedVisionTower:
+    """Mixed into vLLM's Qwen3_VisionTransformer."""
+
+    forward = _forward
+
+
+TOWER = PackedTower("Qwen3-VL", Qwen3_VisionTransformer, PrunedVisionTower)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     EvoPruneQwen3VLMultiModalProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
@@ -130,7 +139,7 @@ class EvoPruneQwen3VLForConditionalGeneration(EvoPruneQwenVL, Qwen3VLForConditio
         if self.video_pruning_method is not None or self.video_pruning_rate:
             raise ValueError("EvoPrune prunes in the tower: leave video_pruning_rate (EVS) unset, "
                              f"got video_pruning_rate={self.video_pruning_rate}")
-        self._evoprune_patch(Qwen3_VisionTransformer, _forward)
+        self._evoprune_patch(TOWER)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
         """vLLM's positions, computed before the encoder, for frames of the pruned counts: each frame's first units

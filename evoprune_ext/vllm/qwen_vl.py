@@ -23,8 +23,8 @@ from vllm.distributed import (
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.vision import get_load_balance_assignment
 
-from evoprune_ext.encoder import kept_tokens
-from evoprune_ext.packed_tower import MERGE, Units, patch_tower, prune_after_attention
+from evoprune_ext.schedule import MERGE, kept_tokens
+from evoprune_ext.towers.packed import PackedTower, Units, prune_after_attention
 
 __all__ = ["EvoPruneQwenVL", "encode_positions", "evoprune_options", "split_positions"]
 
@@ -154,8 +154,8 @@ class EvoPruneQwenVL:
 
     evoprune_prunes_positions = True  # the runner must recompute M-RoPE positions (evoprune_ext.vllm)
 
-    def _evoprune_patch(self, tower: type, forward) -> None:
-        """Make the tower run `forward` with the options of hf_overrides["evoprune"]."""
+    def _evoprune_patch(self, tower: PackedTower) -> None:
+        """Patch the tower (vLLM's, described by `tower`) with the options of hf_overrides["evoprune"]."""
         options = evoprune_options(self.config)
         if get_pp_group().world_size > 1:
             raise ValueError(
@@ -164,7 +164,7 @@ class EvoPruneQwenVL:
                 "attend with stand-in positions. Use tensor_parallel_size (with mm_encoder_tp_mode='data' for the "
                 "tower, if you like) instead"
             )
-        patch_tower(self.visual, tower, forward, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
+        tower.patch(self.visual, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
                     alpha=options.get("alpha"))
         # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.
         self.is_multimodal_pruning_enabled = True

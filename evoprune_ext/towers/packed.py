@@ -1,12 +1,13 @@
-"""EvoPrune inside a packed vision tower: the plumbing Qwen-VL-style towers share (Qwen2.5-VL, Qwen3-VL).
+"""EvoPrune inside a packed vision tower: the plumbing Qwen-VL-style towers share (Qwen2.5-VL, Qwen3-VL, in
+transformers and in vLLM).
 
 Such a tower has no batch: every image and video frame of a request is packed into one sequence of patch tokens,
 full attention runs per frame (`cu_seqlens`), rotary embeddings give each token its (h, w) position, and a merger
 fuses each 2x2 unit of 4 consecutive tokens into one feature. So pruning here
 - keeps whole units: a unit is one row of its 4 tokens' features, `[units, UNIT * D]`, and a dropped unit merges
-  element-wise into the kept unit most similar to it (`torch.ops.evoprune.prune_packed`, one sequence per frame);
+  element-wise into the kept unit most similar to it (`pruning.prune_units`, one sequence per frame);
 - keeps `round(units * keep_ratio)` units of every frame, a static count reached step by step
-  (`encoder.schedule_keeps`); unit sizes carry from step to step (hierarchical merging), attention is not made
+  (`schedule.frame_keeps`); unit sizes carry from step to step (hierarchical merging), attention is not made
   size-aware;
 - measures a unit by its 4 tokens: metric, the mean of their keys averaged over heads, taken before the rotary
   embedding so that it compares content, not position (each kept unit keeps its own position anyway);
@@ -14,29 +15,27 @@ fuses each 2x2 unit of 4 consecutive tokens into one feature. So pruning here
   queries and keys the attention used), summed;
 - tracks each unit left by its global raster id over (t, h/2, w/2), grid_thw row after row: the state's `kept`.
 
-An adapter (`adapters/qwen2_5_vl.py`, `adapters/qwen3_vl.py`) writes its tower's forward with these pieces and
-says only what differs: window attention and window order (2.5), learned positions and deepstack mergers (3).
+An adapter (`adapters/qwen2_5_vl.py`, `adapters/qwen3_vl.py`, and vLLM's in `vllm/`) writes its tower's forward
+with these pieces in a mixin and describes the tower with a `PackedTower`; it says only what differs: window
+attention and window order (2.5), learned positions and deepstack mergers (3).
 """
 
 from dataclasses import dataclass, field, replace
-from types import MethodType
 
 import torch
 from torch import Tensor, nn
 
-from evoprune_ext.defaults import DEFAULT_ALPHA
-from evoprune_ext.encoder import default_layers, schedule_keeps
+from evoprune_ext.pruning import prune_units, resolve_alpha
+from evoprune_ext.schedule import MERGE, UNIT, check_keep_ratio, frame_keeps, resolve_layers
+from evoprune_ext.swap import swap
 
-__all__ = ["MERGE", "UNIT", "QwenPruneState", "Units", "WindowUnits", "attention_then_prune", "frame_units",
-           "kept_units", "patch_tower", "prune_after_attention", "unpatch_tower"]
-
-MERGE = 2  # the merger fuses MERGE x MERGE patches (spatial_merge_size)
-UNIT = MERGE * MERGE  # tokens per merge unit
+__all__ = ["PackedState", "PackedTower", "Units", "WindowUnits", "attention_then_prune", "kept_units",
+           "prune_after_attention"]
 
 
 @dataclass
-class QwenPruneState:
-    """The configuration of a patched tower (`visual.evoprune_state`) and what its last forward pass kept:
+class PackedState:
+    """The configuration of a patched packed tower (`visual.evoprune_state`) and what its last forward pass kept:
     `kept[i]` holds the raster indices (over t, h/2, w/2) of the units kept of grid_thw row i, ascending."""
 
     keep_ratio: float
@@ -47,10 +46,7 @@ class QwenPruneState:
 
     def keeps(self, frames: list[int]) -> dict[int, list[int]]:
         """{layer: units each frame keeps after that layer's step}; the last step lands on round(units * keep_ratio)."""
-        if any(round(n * self.keep_ratio) < 1 for n in frames):
-            raise ValueError(f"keep_ratio={self.keep_ratio} keeps no unit of a frame of {min(frames)} units")
-        per_frame = [schedule_keeps(n, 0, self.keep_ratio, len(self.layers)) for n in frames]
-        return {layer: list(step) for layer, step in zip(self.layers, zip(*per_frame))}
+        return frame_keeps(frames, self.keep_ratio, self.layers)
 
 
 @dataclass
@@ -89,11 +85,6 @@ class WindowUnits(Units):
 
     def select(self, index: Tensor, sizes: Tensor, frames: list[int]) -> "WindowUnits":
         return replace(super().select(index, sizes, frames), window=self.window[index])
-
-
-def frame_units(grid: list[list[int]]) -> list[int]:
-    """Units of each frame, frames in order, of the grid_thw rows `grid`."""
-    return [(h // MERGE) * (w // MERGE) for t, h, w in grid for _ in range(t)]
 
 
 def attention_then_prune(
@@ -154,16 +145,11 @@ def prune_after_attention(
         # Both are means over heads: one call for the two, and every rank holding heads then selects alike.
         both = all_heads(torch.cat([metric, importance[:, None]], dim=1))
         metric, importance = both[:, :-1], both[:, -1]
-    out, index, sizes, slot = torch.ops.evoprune.prune_packed(
-        hidden.reshape(-1, UNIT * dim), importance, lengths=units.frames, keep=keep,
-        metric=metric.to(hidden.dtype), sizes=units.sizes, alpha=alpha,
+    out, index, sizes, carried = prune_units(
+        hidden.reshape(-1, UNIT * dim), importance, metric.to(hidden.dtype), units.sizes, units.frames, keep,
+        alpha, [rows.reshape(-1, UNIT * dim) for rows in carried],
     )
-    # The packed slot never crosses frames, so the whole packed sequence merges as one batched sample.
-    carried = [
-        torch.ops.evoprune.merge(rows.reshape(1, -1, UNIT * dim), index[None], slot[None], units.sizes[None])[0]
-        .view(-1, dim)
-        for rows in carried
-    ]
+    carried = [rows.view(-1, dim) for rows in carried]
     return out.view(-1, dim), units.select(index, sizes, keep), carried
 
 
@@ -175,26 +161,39 @@ def kept_units(units: Units, grid: list[list[int]]) -> list[Tensor]:
     return [ids - sum(row_units[:i]) for i, ids in enumerate(per_row)]
 
 
-def patch_tower(
-    visual: nn.Module, tower: type, forward, *, keep_ratio: float, layers: list[int] | None, alpha: float | None
-) -> nn.Module:
-    """Check the arguments, hang a `QwenPruneState` on `visual` (a `tower`) and make `forward` its forward."""
-    if not isinstance(visual, tower):
-        raise TypeError(f"visual must be a {tower.__name__}, got {type(visual).__name__}")
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    if visual.spatial_merge_size != MERGE:
-        raise ValueError(f"the tower must merge 2x2 patches, got spatial_merge_size={visual.spatial_merge_size}")
-    depth = len(visual.blocks)
-    layers = default_layers(depth) if layers is None else sorted(set(layers))
-    if not layers or any(not 0 <= layer < depth for layer in layers):
-        raise ValueError(f"layers must name at least one layer, each in [0, {depth}), got {layers}")
-    visual.evoprune_state = QwenPruneState(keep_ratio, layers, DEFAULT_ALPHA if alpha is None else alpha)
-    visual.forward = MethodType(forward, visual)
-    return visual
+# What the packed step does, in the terms of `evoprune_ext.patch`'s ViT options: it merges, by the keys, with
+# EvoPrune's own step. (Its attention does not add log(size); proportional_attention is accepted as the default.)
+PACKED_OPTIONS = dict(merge=True, proportional_attention=True, metric="keys", step=None)
 
 
-def unpatch_tower(visual: nn.Module) -> None:
-    """Undo patch_tower."""
-    del visual.forward
-    del visual.evoprune_state
+@dataclass(frozen=True)
+class PackedTower:
+    """A packed tower class and the mixin whose `forward` prunes it (written with the pieces above)."""
+
+    family: str
+    tower: type
+    mixin: type
+
+    def recognizes(self, module: nn.Module) -> bool:
+        return isinstance(module, self.tower)
+
+    def depth(self, visual: nn.Module) -> int:
+        return len(visual.blocks)
+
+    def patch(self, visual: nn.Module, *, keep_ratio: float, layers: list[int] | None, alpha: float | None,
+              **options) -> PackedState:
+        """Make `visual` prune after the attention of `layers`, each frame keeping `round(units * keep_ratio)` of
+        its 2x2 merge units; its state (also `visual.evoprune_state`). `options` (`evoprune_ext.patch`'s ViT
+        options) are accepted only at what this plumbing does (`PACKED_OPTIONS`)."""
+        changed = [name for name, value in options.items() if value != PACKED_OPTIONS[name]]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: not supported for {self.family}'s tower; leave the default")
+        if not self.recognizes(visual):
+            raise TypeError(f"visual must be a {self.tower.__name__}, got {type(visual).__name__}")
+        if visual.spatial_merge_size != MERGE:
+            raise ValueError(f"the tower must merge 2x2 patches, got spatial_merge_size={visual.spatial_merge_size}")
+        state = PackedState(check_keep_ratio(keep_ratio), resolve_layers(layers, self.depth(visual)),
+                            resolve_alpha(alpha))
+        swap(visual, self.mixin, state)
+        visual.evoprune_state = state
+        return state
