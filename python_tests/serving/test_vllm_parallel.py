@@ -1,8 +1,9 @@
-"""Serving on several ranks (vLLM's CPU build, 2 ranks, float32, greedy): for Qwen2.5-VL and Qwen3-VL, an image
-request and a video request give the same prompt, the same tokens and the same top-3 logprobs (within 1e-4) with
-two ranks as with one, whether the tower is split by heads (tensor_parallel_size=2) or runs whole on each rank on
-its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held to the same bar.
-One engine at a time, each in a subprocess (vllm_engine.py); the one-rank runs are shared by a family's tests."""
+"""Serving on several ranks (vLLM's CPU build, 2 ranks, float32, greedy): for Qwen2.5-VL and Qwen3-VL, image
+and video requests give the same prompt, the same tokens and the same top-3 logprobs (within 1e-4) with two ranks
+as with one, whether the tower is split by heads (tensor_parallel_size=2) or runs whole on each rank on its share
+of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held to the same bar. Pipeline
+parallelism is refused. One engine at a time, each in a subprocess (vllm_engine.py); the one-rank runs are shared
+by a family's tests."""
 
 import subprocess
 
@@ -15,9 +16,11 @@ FAMILIES = {
     "qwen2_5_vl": (random_models.qwen2_5_vl, "EvoPruneQwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": (random_models.qwen3_vl, "EvoPruneQwen3VLForConditionalGeneration"),
 }
+# Several items per request, of different sizes, so that the data-parallel tower shares them out over both ranks.
 REQUESTS = [
     request(f"USER : {IMAGE} what is in this image ASSISTANT :", images=1),
-    request(f"USER : {VIDEO} what is in this video ASSISTANT :", videos=1),
+    request(f"USER : {IMAGE} {IMAGE} what is in this image ASSISTANT :", images=2, seed=1),
+    request(f"USER : {VIDEO} {VIDEO} what is in this video ASSISTANT :", videos=2, seed=2),
 ]
 KEEP_RATIO = 0.5
 TWO_RANKS = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
@@ -69,8 +72,8 @@ def test_evoprune_tensor_parallel_as_one_rank(family, one_rank, tmp_path_factory
 
 
 def test_evoprune_data_parallel_encoder_as_one_rank(family, one_rank, tmp_path_factory):
-    """Each rank runs the whole tower on its share of the items (here one each: the image request's image goes to
-    one rank, the other runs none) and the kept units are gathered, positions with them."""
+    """Each rank runs the whole tower on its share of the items (a rank may get none: a lone image) and the kept
+    units are gathered, positions with them."""
     data = generate(tmp_path_factory, family, pruned=True, mm_encoder_tp_mode="data", **TWO_RANKS)
     assert_same(data, one_rank[True])
 
