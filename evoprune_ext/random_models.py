@@ -1,7 +1,8 @@
 """Random-weight multimodal LLMs with working processors, built locally (nothing is downloaded): LLaVA-1.5
-(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL (and its MoE), at tiny shapes for tests or at real shapes
-for the demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the image and video
-placeholders as special tokens; the generated text is meaningless, the token counts and timings are real.
+(CLIP tower), LLaVA-OneVision (SigLIP tower), Qwen2.5-VL and Qwen3-VL (and its MoE), at tiny shapes for tests or
+at real shapes for the demo and the benchmarks. Their tokenizer is a word-level vocabulary made here, with the
+image and video placeholders as special tokens; the generated text is meaningless, the token counts and timings
+are real.
 """
 
 import transformers
