@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_select(const GreedyArgs
         }
         if (pick >= 0) {
           const acc_t s = pick_row[j];
-          if (takes_ownership(s, red[j])) {
+          if (takes_ownership(s, red[j], owner[j] != kNoOwner)) {
             red[j] = s;
             owner[j] = static_cast<int32_t>(pick);
           }
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kGreedyThreads) greedy_select(const GreedyArgs
           acc_t partial = 0;
           for (int64_t d = lane; d < dm; d += kWarpSize) partial += u[d] * pick_unit[d];
           const acc_t s = warp_sum(partial);
-          if (lane == 0 && takes_ownership(s, red[j])) {
+          if (lane == 0 && takes_ownership(s, red[j], owner[j] != kNoOwner)) {
             red[j] = s;
             owner[j] = static_cast<int32_t>(pick);
           }
