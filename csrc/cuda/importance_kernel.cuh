@@ -10,9 +10,9 @@
 
 namespace evoprune::cuda {
 
-constexpr int kImportanceColumns = 32;    // columns per block: one warp's coalesced 128-byte row segment
-constexpr int kRowWarps = 8;    // warps per block, each summing every 8th row of the block's range
-constexpr int kBlocksPerSM = 4;  // blocks the row splits aim for, per SM
+constexpr int kImportanceColumns = 32;  // columns per block: one warp's coalesced 128-byte row segment
+constexpr int kRowWarps = 8;            // warps per block, each summing every 8th row of the block's range
+constexpr int kBlocksPerSM = 4;         // blocks the row splits aim for, per SM
 constexpr int kFinishThreads = 256;
 
 template <typename scalar_t, typename acc_t>
@@ -69,7 +69,8 @@ inline ImportancePlan plan_importance(int64_t batch, int64_t n, int64_t rows, in
   const int64_t splits = std::clamp<int64_t>(wanted, 1, std::min<int64_t>(max_splits, 65535));
   plan.rows_per_split = (rows + splits - 1) / splits;
   plan.splits = (rows + plan.rows_per_split - 1) / plan.rows_per_split;
-  plan.grid = dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(batch), static_cast<unsigned>(plan.splits));
+  plan.grid =
+      dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(batch), static_cast<unsigned>(plan.splits));
   plan.block = dim3(kImportanceColumns, kRowWarps);
   plan.finish_blocks = static_cast<unsigned>((batch * n + kFinishThreads - 1) / kFinishThreads);
   return plan;

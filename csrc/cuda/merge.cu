@@ -43,13 +43,13 @@ void merge_impl(const at::Tensor& tokens, const Sizes& sizes, const at::Tensor& 
   const int64_t batch = tokens.size(0), keep = index.size(1);
   const Tokens t{tokens.size(1), tokens.size(2), tokens.stride(0), tokens.stride(1), tokens.stride(2)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(plan.column_blocks <= 65535 && batch <= 65535, "merge on CUDA supports D <= ", 65535 * kMergeColumns,
-              " and B <= 65535, got D = ", t.d, ", B = ", batch);
+  TORCH_CHECK(plan.column_blocks <= 65535 && batch <= 65535, "merge on CUDA supports D <= ",
+              65535 * kMergeColumns, " and B <= 65535, got D = ", t.d, ", B = ", batch);
   const scalar_t* x = tokens.const_data_ptr<scalar_t>();
   if (!merge) {
-    gather_kept<scalar_t><<<plan.rows_grid, kMergeColumns, 0, stream>>>(x, t, sizes, index.const_data_ptr<int64_t>(), keep,
-                                                                   out.mutable_data_ptr<scalar_t>(),
-                                                                   sizes_out.mutable_data_ptr<float>());
+    gather_kept<scalar_t><<<plan.rows_grid, kMergeColumns, 0, stream>>>(
+        x, t, sizes, index.const_data_ptr<int64_t>(), keep, out.mutable_data_ptr<scalar_t>(),
+        sizes_out.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }

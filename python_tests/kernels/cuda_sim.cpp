@@ -67,6 +67,7 @@ struct Thread {
 struct Collective {
   unsigned arrived = 0;
   unsigned mask = 0;
+  ShuffleKind kind = ShuffleKind::kIndexed;
   const char* file = nullptr;
   int line = 0;
   uint64_t value[kWarpSize];
@@ -115,6 +116,8 @@ const char* basename(const char* path) {
   return slash == nullptr ? path : slash + 1;
 }
 
+std::string site(const char* file, int line) { return std::string(basename(file)) + ":" + std::to_string(line); }
+
 bool matches(const std::string& file, int line, const char* at_file, int at_line) {
   return !file.empty() && line == at_line && file == basename(at_file);
 }
@@ -155,8 +158,8 @@ void thread_main() {
   std::abort();  // a finished thread is never resumed
 }
 
-// A fresh stack that evoprune_sim_switch "returns" into thread_main with: control words, six
-// zeroed callee-saved registers, the return address; 16-byte aligned like a call site.
+// A fresh stack that evoprune_sim_switch "returns" into thread_main with: the floating-point
+// control words, six zeroed callee-saved registers, the return address; aligned like a call site.
 void* fresh_stack(std::vector<char>& stack) {
   uintptr_t top = reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~uintptr_t(15);
   auto* slot = reinterpret_cast<uint64_t*>(top) - 2;  // return address at a 16-byte boundary
@@ -164,8 +167,10 @@ void* fresh_stack(std::vector<char>& stack) {
   slot[1] = 0;
   uint64_t* sp = slot - 7;
   for (int i = 1; i < 7; ++i) sp[i] = 0;
-  const uint32_t mxcsr = 0x1f80;  // defaults: all exceptions masked, round to nearest
-  const uint16_t x87 = 0x037f;
+  // The launching thread's rounding and denormal modes, so that kernels compute as host code would.
+  const uint32_t mxcsr = __builtin_ia32_stmxcsr();
+  uint16_t x87 = 0;
+  asm volatile("fnstcw %0" : "=m"(x87));
   std::memcpy(sp, &mxcsr, 4);
   std::memcpy(reinterpret_cast<char*>(sp) + 4, &x87, 2);
   return sp;
@@ -235,7 +240,7 @@ void syncthreads(const char* file, int line) {
 void device_assert(bool ok, const char* message, const char* file, int line) {
   if (ok) return;
   Counters& c = counters();
-  if (c.failed_asserts++ == 0) c.first_assert = std::string(basename(file)) + ":" + std::to_string(line) + ": " + message;
+  if (c.failed_asserts++ == 0) c.first_assert = site(file, line) + ": " + message;
 }
 
 void* dynamic_shared() {
@@ -255,7 +260,7 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleKind kind, int arg, const 
   Block& b = block_state();
   ++counters().shuffles;
   const unsigned me = 1u << t.lane;
-  if ((mask & me) == 0) fail_in_kernel(std::string(basename(file)) + ":" + std::to_string(line) + ": lane not in its shuffle's mask");
+  if ((mask & me) == 0) fail_in_kernel(site(file, line) + ": lane not in its shuffle's mask");
   int source = t.lane;
   switch (kind) {
     case ShuffleKind::kIndexed: source = arg % kWarpSize; break;
@@ -271,11 +276,11 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleKind kind, int arg, const 
   Collective& c = b.warps[t.warp];
   if (c.arrived == 0) {
     c.mask = mask;
+    c.kind = kind;
     c.file = file;
     c.line = line;
-  } else if (c.mask != mask || c.line != line || std::strcmp(c.file, file) != 0) {
-    fail_in_kernel(std::string(basename(file)) + ":" + std::to_string(line) + ": lanes of one warp meet in different shuffles (" +
-         basename(c.file) + ":" + std::to_string(c.line) + ")");
+  } else if (c.mask != mask || c.kind != kind || c.line != line || std::strcmp(c.file, file) != 0) {
+    fail_in_kernel(site(file, line) + ": lanes of one warp meet in different shuffles (" + site(c.file, c.line) + ")");
   }
   c.value[t.lane] = bits;
   c.source[t.lane] = source;
@@ -285,8 +290,7 @@ uint64_t shuffle(unsigned mask, uint64_t bits, ShuffleKind kind, int arg, const 
     for (int l = 0; l < kWarpSize; ++l) {
       const bool needed = (mask >> l) & 1u;
       if (needed && (first + l >= int(b.threads.size()) || b.threads[first + l].state == State::kDone)) {
-        fail_in_kernel(std::string(basename(file)) + ":" + std::to_string(line) + ": shuffle names lane " + std::to_string(l) +
-             ", which has returned");
+        fail_in_kernel(site(file, line) + ": shuffle names lane " + std::to_string(l) + ", which has returned");
       }
     }
     set_state(t, State::kAtShuffle);
@@ -341,7 +345,8 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_shared_bytes, void (*entry)(
         for (int i = 0; i < threads; ++i) {
           Thread& t = b.threads[i];
           if (t.stack.empty()) t.stack.resize(kStackBytes);
-          t.where.thread = uint3{unsigned(i) % block.x, (unsigned(i) / block.x) % block.y, unsigned(i) / (block.x * block.y)};
+          const unsigned id = static_cast<unsigned>(i);
+          t.where.thread = uint3{id % block.x, (id / block.x) % block.y, id / (block.x * block.y)};
           t.where.block = uint3{x, y, z};
           t.where.block_dim = block;
           t.where.grid_dim = grid;

@@ -217,9 +217,49 @@ std::tuple<at::Tensor, std::vector<int64_t>> importance(const at::Tensor& attn, 
   return {result, {plan.splits, plan.rows_per_split}};
 }
 
+// Kernels that probe the model's own rules (test_kernels.py, "the simulator's rules").
+// Warp 1 returns before the barriers: the other warps must not wait for it (Volta and later).
+__global__ void barrier_after_early_return(int* out) {
+  if (threadIdx.x / kWarpSize == 1) return;
+  EVOPRUNE_SHARED(int, total);
+  if (threadIdx.x == 0) total = 0;
+  __syncthreads();
+  if (threadIdx.x % kWarpSize == 0) total += 1;  // one writer at a time: fibers never interleave here
+  __syncthreads();
+  out[threadIdx.x] = total;
+}
+
+// Lanes 0-15 and 16-31 call different shuffles: undefined on a GPU, an error here.
+__global__ void divergent_shuffles(int* out) {
+  const int lane = threadIdx.x % kWarpSize;
+  out[threadIdx.x] = lane < 16 ? __shfl_sync(kFullMask, lane, 0) : __shfl_xor_sync(kFullMask, lane, 1);
+}
+
+// Lane 0 returns, then the others shuffle with a full mask: a hang on a GPU, an error here.
+__global__ void shuffle_after_early_return(int* out) {
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane == 0) return;
+  out[threadIdx.x] = __shfl_down_sync(kFullMask, lane, 1);
+}
+
+// Runs one of the probes on a block of 96 threads; returns what each thread wrote (-1: nothing).
+std::vector<int64_t> probe(const std::string& name) {
+  std::vector<int> out(96, -1);
+  sim::settings().max_dynamic_shared = 0;
+  const auto kernel = name == "barrier_after_early_return" ? barrier_after_early_return
+                      : name == "divergent_shuffles"       ? divergent_shuffles
+                      : name == "shuffle_after_early_return"
+                          ? shuffle_after_early_return
+                          : nullptr;
+  TORCH_CHECK(kernel != nullptr, "unknown probe ", name);
+  sim::launch(dim3(1), dim3(96), 0, kernel, out.data());
+  return std::vector<int64_t>(out.begin(), out.end());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(evoprune_sim, m) {
+  m.def("probe(str name) -> int[]", &probe);
   m.def("configure(int order_seed, str skip_barrier_file, int skip_barrier_line, str drop_shuffle_file, "
         "int drop_shuffle_line, int drop_shuffle_warp) -> ()", &configure);
   m.def("counters() -> int[]", &counters);

@@ -335,3 +335,22 @@ def test_a_missing_barrier_in_importance_fails_the_comparison(kernels):
     imp, _ = kernels.importance(attn, 1)
     assert kernels.counters()[3] > 0
     assert not torch.allclose(imp, ops.importance(attn), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the simulator's rules
+
+
+def test_a_barrier_does_not_wait_for_warps_that_returned(kernels):
+    out = kernels.probe("barrier_after_early_return")
+    assert out == [2] * 32 + [-1] * 32 + [2] * 32  # warps 0 and 2 counted themselves; warp 1 left
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("divergent_shuffles", "lanes of one warp meet in different shuffles"),
+     ("shuffle_after_early_return", "shuffle names lane 0, which has returned")],
+)
+def test_undefined_warp_behaviour_fails_the_launch(kernels, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        kernels.probe(name)
+    assert kernels.probe("barrier_after_early_return")[0] == 2  # the next launch starts clean
