@@ -8,9 +8,9 @@
 // runnable thread that comes first in the block's thread order (natural, reversed or shuffled by a
 // seed), so the first warp runs all the way to its next barrier before the next warp starts: a
 // thread that reads what other warps write without a barrier in between reads garbage, and a
-// missing barrier shows up as a wrong result, deterministically for a given order. Blocks run one at a time, in
-// grid order; each starts with its shared memory filled with 0xff bytes (NaN, or -1), so a read
-// before the block wrote it shows up too.
+// missing barrier shows up as a wrong result, deterministically for a given order. Blocks run one
+// at a time, in grid order; each starts with its shared memory filled with 0xff bytes (NaN, or
+// -1), so a read before the block wrote it shows up too.
 //
 // What the model cannot show (timing, races between blocks, the memory model, real shared memory
 // limits) is listed in docs/CUDA.md.

@@ -1,11 +1,11 @@
 // Test-only torch extension (library `evoprune_sim`): the launchers of csrc/cuda/*.cu replayed on
 // CPU tensors, launching the very kernels of csrc/cuda/*_kernel.cuh through cuda_sim.h, with the
 // launch plans of those headers. Each op takes the device limits the plan depends on, and select
-// lets a test force the branch the shapes would not pick. Built by test_kernels.py (JIT, cached).
+// lets a test force the branch the shapes would not pick. Built by sim.py (JIT, cached).
 //
-// What a launcher here does besides the .cu's: nothing but the CPU stand-ins of the cuBLAS GEMM
-// (at::bmm on CPU, float32) and of cudaFuncGetAttributes (the greedy's static shared memory,
-// counted from its declarations).
+// Where a launcher here differs from its .cu: the CPU stand-ins of the cuBLAS GEMM (at::bmm on
+// CPU, float32) and of cudaFuncGetAttributes (the greedy's static shared memory, counted from its
+// declarations), and red zones around every buffer the kernels write (Guarded, below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
