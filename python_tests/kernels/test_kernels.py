@@ -131,6 +131,31 @@ def test_select_awkward_values_match_cpu(kernels, kind, imp, dtype, matrix, alph
         assert (slot >= 0).all()
 
 
+@pytest.mark.parametrize("case", range(60))
+def test_select_random_configurations_match_cpu(kernels, case):
+    # Shapes, values, branch, state memory and thread order drawn at random (reproducibly, per case): the corners
+    # the lists above do not name. N * picks stays under 20,000 so that the dot-product branch stays cheap.
+    g = torch.Generator().manual_seed(1000 + case)
+
+    def draw(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    B, N, Dm = 1 + draw(4), 1 + draw(700), draw(40)
+    protect = draw(min(N, 3) + 1)
+    keep = protect + draw(min(N - protect, max(1, 20_000 // N)) + 1)
+    dtype = DTYPES[draw(4)]
+    kind = ["random", "strided", "duplicate", "zero", "rank1"][draw(5)]
+    imp = ["none", "nonfinite", "rand"][draw(3)]
+    alpha = [0.0, 0.1, 0.5, 1.0][draw(4)]
+    matrix, optin = draw(2), [H200_OPTIN_SHARED, SMALL_OPTIN_SHARED][draw(2)]
+    kernels.configure([0, 1, 77 + case][draw(3)], "", 0, "", 0, 0)
+    metric = make_metric(kind, B, N, Dm, dtype, seed=case)
+    importance = make_importance(imp, B, N, seed=case)
+    index, slot, _ = run_select(kernels, metric, importance, keep=keep, alpha=alpha, protect=protect, matrix=matrix,
+                                optin=optin)
+    assert_selection_matches_cpu(metric, importance, index, slot, keep=keep, alpha=alpha, protect=protect)
+
+
 def test_nan_metric_tokens_are_dropped_as_on_cpu(kernels):
     metric = make_metric("random", 1, 40, 4, torch.float32, seed=5)
     metric[0, 7] = math.nan
