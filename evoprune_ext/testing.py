@@ -101,6 +101,7 @@ def check_selection(
     available = torch.zeros((B, N), dtype=torch.bool, device=device)
     available[:, protect:] = True
     red = torch.full((B, N), -1.0, dtype=torch.float64, device=device)
+    numbered = torch.zeros((B, N), dtype=torch.bool, device=device)  # has a non-NaN similarity to some pick
     replayed = []
 
     # The picks' order is lost in the sorted index: at each step take, among the members of S not replayed yet,
@@ -129,12 +130,14 @@ def check_selection(
         available[rows, pick] = False
         column = torch.einsum("bnd,bd->bn", u, u[rows, pick])
         red = torch.where(column > red, column, red)
+        numbered |= ~column.isnan()
 
     # red is now max(-1, largest similarity to a member of S), NaN ignored: what each dropped token's owner must reach.
+    # Every dropped token with a number for some pick has an owner (SPEC.md section 3, step 4), even at similarity -1.
     dropped = ~chosen
     dropped[:, :protect] = False
     no_owner = dropped & (slot < 0)
-    bad = no_owner & (red > -1 + atol)
+    bad = no_owner & numbered
     if bad.any():
         b, j = (int(x) for x in bad.nonzero()[0])
         _fail(f"batch {b}: dropped token {j} has slot -1 but its similarity to a kept token is {float(red[b, j]):.6g}")

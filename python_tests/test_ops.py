@@ -193,6 +193,42 @@ def test_alpha_zero_is_farthest_point_selection(device):
     assert slot[0].tolist() == owner.tolist()
 
 
+def _collinear_metric(kind, dtype, seed):
+    """[2,N,Dm] metrics whose cosines are all +-1 up to rounding, where the old strict rule dropped tokens."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(1, 1, 64, generator=g, dtype=torch.float64)
+    if kind == "rank1":  # random signs and magnitudes along one direction
+        scale = torch.randn(2, 64, 1, generator=g, dtype=torch.float64)
+    else:  # anti-parallel: tokens alternate between one direction and its opposite
+        scale = (torch.arange(64) % 2 * -2 + 1).to(torch.float64).expand(2, 64)[..., None]
+    return (scale * direction).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rank1", "antiparallel"])
+@pytest.mark.parametrize("keep,protect", [(1, 0), (2, 0), (3, 1), (5, 2)])
+@pytest.mark.parametrize("alpha", [0.0, DEFAULT_ALPHA])
+def test_collinear_metrics_drop_no_token(device, dtype, kind, keep, protect, alpha):
+    # SPEC.md section 3 step 4: a similarity of -1 (or one rounding just below it) still makes an owner,
+    # so every backend keeps every token in some output.
+    metric = _collinear_metric(kind, dtype, seed=keep)
+    tokens = torch.randn(metric.shape[:2] + (5,), generator=torch.Generator().manual_seed(1)).to(dtype)
+    importance = torch.rand(metric.shape[:2], generator=torch.Generator().manual_seed(2))
+    out, index, sizes, slot = ops.prune(tokens.to(device), importance.to(device), keep=keep,
+                                        metric=metric.to(device), alpha=alpha, protect=protect)
+    assert (slot >= 0).all()
+    assert sizes.sum(dim=1).tolist() == [64.0, 64.0]
+    testing.check_selection(metric, importance, index.cpu(), slot.cpu(), keep=keep, alpha=alpha, protect=protect)
+    testing.check_merge(tokens, index.cpu(), slot.cpu(), None, out.cpu(), sizes.cpu(), rtol=MERGE_TOL[dtype],
+                        atol=MERGE_TOL[dtype])
+    if kind == "antiparallel":
+        # Two exact unit vectors, so every similarity is one of two exact values and every tie is exact:
+        # the lowest index decides on every backend, and they all agree with the reference bit for bit.
+        expected = reference.prune(tokens, importance, keep=keep, metric=metric, alpha=alpha, protect=protect)
+        assert torch.equal(index.cpu(), expected[1]) and torch.equal(slot.cpu(), expected[3])
+        torch.testing.assert_close(out.cpu(), expected[0], rtol=MERGE_TOL[dtype], atol=MERGE_TOL[dtype])
+
+
 def test_keep_all_is_identity(device):
     tokens, a, _, sizes = make_case(2, 9, 5, device=device, sizes=True)
     out, index, sizes_out, slot = ops.prune(tokens, a, keep=9, sizes=sizes, protect=2)

@@ -58,7 +58,7 @@ def test_importance_from_qk_equals_importance_of_softmax():
 
 def test_fan_alpha_zero_keep_two():
     # alpha = 0: every score is 1 at first, so the first pick is token 0. Its similarities are
-    # [1, .8, 0, -1, .6]; token 3 stays at red = -1 (not strictly above -1), so it scores highest next.
+    # [1, .8, 0, -1, .6]; token 3 is owned by token 0 at red = -1, so it scores highest next.
     # Token 2 is orthogonal to both picks: equal similarity keeps its first owner, token 0.
     out, index, sizes, slot = reference.prune(FAN, None, keep=2, alpha=0.0)
     assert index.tolist() == [[0, 3]]
@@ -69,14 +69,16 @@ def test_fan_alpha_zero_keep_two():
     testing.check_selection(FAN, None, index, slot, keep=2, alpha=0.0, protect=0)
 
 
-def test_fan_alpha_zero_keep_one_drops_the_opposite_token():
-    # Token 3's similarity to the only pick is exactly -1: it has no owner and is lost.
+def test_fan_alpha_zero_keep_one_merges_the_opposite_token():
+    # Token 3's similarity to the only pick is exactly -1: a number, so the pick owns it (SPEC.md section 3, step 4).
     out, index, sizes, slot = reference.prune(FAN, None, keep=1, alpha=0.0)
     assert index.tolist() == [[0]]
-    assert slot.tolist() == [[0, 0, 0, -1, 0]]
-    torch.testing.assert_close(out, batch([[0.6, 0.2]]))
-    assert sizes.tolist() == [[4.0]]
+    assert slot.tolist() == [[0, 0, 0, 0, 0]]
+    torch.testing.assert_close(out, batch([[0.28, 0.16]]))
+    assert sizes.tolist() == [[5.0]]
     testing.check_selection(FAN, None, index, slot, keep=1, alpha=0.0, protect=0)
+    with pytest.raises(AssertionError, match="dropped token 3 has slot -1"):
+        testing.check_selection(FAN, None, index, torch.tensor([[0, 0, 0, -1, 0]]), keep=1, alpha=0.0, protect=0)
 
 
 def test_pair_alpha_half_with_sizes():
@@ -99,8 +101,8 @@ def test_protected_token_is_kept_and_never_merged_into():
     index, slot = reference.select(PAIR_METRIC, PAIR_IMPORTANCE, keep=2, alpha=0.5, protect=1)
     # Candidates 1..3, ti = [1, .75, .25] (token 0 is not a candidate): token 1 scores highest.
     assert index.tolist() == [[0, 1]]
-    # Token 2 (similarity 0 > -1) goes to token 1; token 3 (similarity -1) has no owner.
-    assert slot.tolist() == [[0, 1, 1, -1]]
+    # Token 2 (similarity 0) and token 3 (similarity -1: still a number) go to token 1, the only pick.
+    assert slot.tolist() == [[0, 1, 1, 1]]
     testing.check_selection(PAIR_METRIC, PAIR_IMPORTANCE, index, slot, keep=2, alpha=0.5, protect=1)
 
 

@@ -107,7 +107,7 @@ inline __attribute__((always_inline)) Candidate<acc_t> greedy_pass_body(const Pa
     if (st.pick_row != nullptr) {
       const acc_t* __restrict__ row = st.pick_row;
       for (int64_t j = lo; j < hi; ++j) {
-        const bool take = takes_ownership(row[j], red[j]);
+        const bool take = takes_ownership(row[j], red[j], owner[j] >= 0);
         red[j] = take ? row[j] : red[j];
         owner[j] = take ? picked : owner[j];
       }
@@ -115,7 +115,7 @@ inline __attribute__((always_inline)) Candidate<acc_t> greedy_pass_body(const Pa
       const acc_t* pick_unit = st.unit + pick * st.dm;
       for (int64_t j = lo; j < hi; ++j) {
         const acc_t s = dot(st.unit + j * st.dm, pick_unit, st.dm);
-        const bool take = takes_ownership(s, red[j]);
+        const bool take = takes_ownership(s, red[j], owner[j] >= 0);
         red[j] = take ? s : red[j];
         owner[j] = take ? picked : owner[j];
       }
