@@ -14,6 +14,8 @@ ARCHITECTURES = {
     "EvoPruneQwen3VLForConditionalGeneration": "evoprune_ext.vllm.qwen3_vl:EvoPruneQwen3VLForConditionalGeneration",
     "EvoPruneQwen3VLMoeForConditionalGeneration":
         "evoprune_ext.vllm.qwen3_vl:EvoPruneQwen3VLMoeForConditionalGeneration",
+    "EvoPruneLlavaOnevisionForConditionalGeneration":
+        "evoprune_ext.vllm.llava_onevision:EvoPruneLlavaOnevisionForConditionalGeneration",
 }
 
 

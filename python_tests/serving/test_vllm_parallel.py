@@ -8,7 +8,7 @@ by a family's tests."""
 import subprocess
 
 import pytest
-from vllm_engine import IMAGE, VIDEO, request, run_engine, save_tiny_model, visual_blocks
+from vllm_engine import IMAGE, TWO_RANKS, VIDEO, assert_same, request, run_engine, save_tiny_model, visual_blocks
 
 from evoprune_ext import random_models
 
@@ -23,8 +23,6 @@ REQUESTS = [
     request(f"USER : {VIDEO} {VIDEO} what is in this video ASSISTANT :", videos=2, seed=2),
 ]
 KEEP_RATIO = 0.5
-TWO_RANKS = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
-TOLERANCE = 1e-4  # float32 sums over 1 and over 2 ranks differ in their last bits, no more
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -44,19 +42,6 @@ def generate(tmp_path_factory, family, *, pruned: bool, **engine) -> list[dict]:
 def one_rank(family, tmp_path_factory) -> dict:
     """{pruned: results on one rank}: vLLM's own model (False) and EvoPrune's (True)."""
     return {pruned: generate(tmp_path_factory, family, pruned=pruned) for pruned in (False, True)}
-
-
-def largest_logprob_difference(a: list[dict], b: list[dict]) -> float:
-    """The largest difference between the logprobs of a token both runs list at the same step."""
-    return max(abs(x[token] - y[token]) for p, q in zip(a, b) for x, y in zip(p["logprobs"], q["logprobs"])
-               for token in x.keys() & y.keys())
-
-
-def assert_same(two: list[dict], one: list[dict]) -> None:
-    for a, b in zip(two, one, strict=True):
-        assert a["prompt"] == b["prompt"] and a["output"] == b["output"]
-        assert [step.keys() for step in a["logprobs"]] == [step.keys() for step in b["logprobs"]]
-    assert largest_logprob_difference(two, one) <= TOLERANCE
 
 
 def test_vllm_own_model_two_ranks_as_one(family, one_rank, tmp_path_factory):

@@ -29,6 +29,8 @@ VIDEO_SIDE = (32, 32)  # each video: 4 frames -> t = 2 of 16 x 16 patches
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # an image's place in a Qwen-VL prompt
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 RATIOS = [None, 1.0, 0.5, 0.25]  # None: vLLM's own model class
+TWO_RANKS = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+TOLERANCE = 1e-4  # float32 sums over 1 and over 2 ranks differ in their last bits, no more
 
 
 def save_tiny_model(tmp_path_factory, builder) -> Path:
@@ -50,8 +52,9 @@ def runs_by_ratio(tmp_path_factory, model_dir: Path, requests: list[dict], archi
     }
 
 
-def request(prompt: str, *, images: int = 0, videos: int = 0, seed: int = 0) -> dict:
-    return {"prompt": prompt, "images": images, "videos": videos, "seed": seed}
+def request(prompt: str, *, images: int = 0, videos: int = 0, seed: int = 0, sides: list | None = None) -> dict:
+    """`sides`: each image's (width, height) in pixels, IMAGE_SIDES in turn by default."""
+    return {"prompt": prompt, "images": images, "videos": videos, "seed": seed, "sides": sides}
 
 
 def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str | None = None,
@@ -69,9 +72,9 @@ def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str
 
 
 def run_transformers(model_dir: Path, model_class: str, requests: list[dict], keep_ratio: float,
-                     max_tokens: int = 8) -> list[dict]:
+                     max_tokens: int = 8, logprobs: int = 0) -> list[dict]:
     """The results `run_engine` gives, from transformers' `model_class` pruned by `evoprune_ext.patch`, in float32
-    and in this process (its pixels are the engine's)."""
+    and in this process (its pixels are the engine's); with `logprobs`, those of the raw logits, as vLLM's."""
     import torch
     import transformers
     from transformers.video_utils import VideoMetadata
@@ -85,24 +88,43 @@ def run_transformers(model_dir: Path, model_class: str, requests: list[dict], ke
     for spec in requests:
         clips = videos(spec["videos"], spec["seed"])
         inputs = processor(
-            text=[spec["prompt"]], images=images(spec["images"], spec["seed"]) or None,
+            text=[spec["prompt"]], images=images(spec["images"], spec["seed"], spec.get("sides")) or None,
             videos=[frames for frames, _ in clips] or None,
             video_metadata=[VideoMetadata(**{k: v for k, v in m.items() if k != "do_sample_frames"})
                             for _, m in clips] or None,
             do_sample_frames=False, return_tensors="pt",
         )
         prompt = inputs["input_ids"][0].tolist()
-        output = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(prompt):].tolist()
-        results.append({"prompt": prompt, "output": output})
+        generated = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+        results.append({"prompt": prompt, "output": generated.sequences[0, len(prompt):].tolist()})
+        if logprobs:
+            steps = [step[0].log_softmax(-1).topk(logprobs) for step in generated.logits]
+            results[-1]["logprobs"] = [{str(int(token)): float(value) for value, token in zip(*step)}
+                                       for step in steps]
     return results
 
 
-def visual_blocks(prompt: list[int]) -> list[tuple[str, int]]:
-    """(placeholder, length) of each run of image or video placeholders."""
+def largest_logprob_difference(a: list[dict], b: list[dict]) -> float:
+    """The largest difference between the logprobs of a token both runs list at the same step."""
+    return max(abs(x[token] - y[token]) for p, q in zip(a, b) for x, y in zip(p["logprobs"], q["logprobs"])
+               for token in x.keys() & y.keys())
+
+
+def assert_same(a_runs: list[dict], b_runs: list[dict], tolerance: float = TOLERANCE) -> None:
+    """The same prompts and tokens, the same top tokens at each step, their logprobs within `tolerance`."""
+    for a, b in zip(a_runs, b_runs, strict=True):
+        assert a["prompt"] == b["prompt"] and a["output"] == b["output"]
+        assert [step.keys() for step in a["logprobs"]] == [step.keys() for step in b["logprobs"]]
+    assert largest_logprob_difference(a_runs, b_runs) <= tolerance
+
+
+def visual_blocks(prompt: list[int], placeholders=("<|image_pad|>", "<|video_pad|>")) -> list[tuple[str, int]]:
+    """(placeholder, length) of each run of image or video placeholders (Qwen-VL's by default)."""
     from evoprune_ext import random_models
 
     tokenizer = random_models.tokenizer()
-    names = {tokenizer.convert_tokens_to_ids(name): name for name in ("<|image_pad|>", "<|video_pad|>")}
+    names = {tokenizer.convert_tokens_to_ids(name): name for name in placeholders}
     blocks, previous = [], None
     for token in prompt:
         name = names.get(token)
@@ -114,11 +136,11 @@ def visual_blocks(prompt: list[int]) -> list[tuple[str, int]]:
     return blocks
 
 
-def images(count: int, seed: int) -> list:
+def images(count: int, seed: int, sides: list | None = None) -> list:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    sides = [IMAGE_SIDES[i % len(IMAGE_SIDES)] for i in range(count)]
+    sides = [tuple((sides or IMAGE_SIDES)[i % len(sides or IMAGE_SIDES)]) for i in range(count)]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sides]
 
 
@@ -134,7 +156,7 @@ def videos(count: int, seed: int) -> list:
 def _inputs(spec: dict) -> dict:
     data = {}
     if spec["images"]:
-        data["image"] = images(spec["images"], spec["seed"])
+        data["image"] = images(spec["images"], spec["seed"], spec.get("sides"))
     if spec["videos"]:
         data["video"] = videos(spec["videos"], spec["seed"])
     return {"prompt": spec["prompt"], "multi_modal_data": data}
