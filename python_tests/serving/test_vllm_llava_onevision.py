@@ -34,11 +34,22 @@ ENGINES = {  # name: (keep_ratio, None for vLLM's own model; more arguments of v
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The tiny LLaVA-OneVision with 2 heads in its LM (head_dim 32, which vLLM's CPU attention takes); its tower has
-    4: both split over 2 ranks."""
+    4: both split over 2 ranks. Saved as the published checkpoints hold it: transformers (5.19) saves the tower's
+    weights as `vision_tower.encoder...`, vLLM reads `vision_tower.vision_model.encoder...` (transformers reads both:
+    checked here)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
     model, processor = random_models.llava_onevision(text=dict(random_models.TINY_TEXT, num_attention_heads=2))
     path = tmp_path_factory.mktemp("llava_onevision")
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    save_file({name.replace("vision_tower.", "vision_tower.vision_model.", 1): weight
+               for name, weight in weights.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    loaded = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path).state_dict()
+    assert all(torch.equal(loaded[name], weight) for name, weight in model.state_dict().items())
     return path
 
 
