@@ -153,12 +153,12 @@ class EvoPruneLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditiona
             return super()._merge_image_patch_embeddings(image_size, patch_embeddings, strategy=strategy,
                                                          image_newline=image_newline, **kwargs)
         base, grid = patch_embeddings[0], patch_embeddings[1:]
-        rows, columns = (1, 0)
+        rows, columns = 1, 0  # a lone base crop: its newline follows it
         if len(grid):
             rows, columns = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints,
                                                         self.config.vision_config.image_size)
         grid = grid[: rows * columns].reshape(rows, columns * base.shape[0], base.shape[1])  # crops padded for batching
-        newline = self.image_newline.to(grid.device, grid.dtype).expand(rows, 1, -1)
+        newline = image_newline.to(grid.device, grid.dtype).expand(rows, 1, -1)
         return torch.cat((base, torch.cat((grid, newline), dim=1).flatten(0, 1)))
 
     def apply_pooling(self, image_features: Tensor, stride: int = 2) -> Tensor:
