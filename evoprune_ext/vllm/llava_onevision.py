@@ -61,7 +61,7 @@ class EvoPruneLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
         return kept_tokens(self.get_vision_encoder_info().get_patch_grid_length() ** 2, self._evoprune_keep_ratio())
 
 
-class PrunedEncoder:
+class PrunedVllmEncoder:
     """Mixed into vLLM's SiglipEncoder: every forward pass starts a new record."""
 
     def forward(self, inputs_embeds: Tensor, return_all_hidden_states: bool):
@@ -84,6 +84,7 @@ class PrunedVllmAttention(PrunedAttention):
     tokens (`_all_heads`, one all-reduce per step)."""
 
     def forward(self, hidden_states: Tensor, attention_mask=None) -> tuple[Tensor, None]:
+        """`attention_mask`: towers/vit.py's layer passes one, always None here (vLLM's SigLIP takes none)."""
         state = self._evoprune
         bias = state.attention_bias(hidden_states.dtype)
         prunes = state.prunes_at(self._evoprune_layer)
@@ -128,7 +129,7 @@ def patch_tower(tower, config, options: dict) -> EvoPruneState:
     state = EvoPruneState(keep_ratio=check_keep_ratio(options["keep_ratio"]), layers=layers,
                           alpha=resolve_alpha(options.get("alpha")), merge=True, proportional_attention=True,
                           metric="keys", step=evoprune_step, adapter=TOWER)
-    swap(tower.encoder, PrunedEncoder, state)
+    swap(tower.encoder, PrunedVllmEncoder, state)
     for i, layer in enumerate(tower.encoder.layers):
         swap(layer, PrunedVllmEncoderLayer, state, layer=i)
         swap(layer.self_attn, PrunedVllmAttention, state, layer=i)
