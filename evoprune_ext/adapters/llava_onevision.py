@@ -59,8 +59,8 @@ class PrunedOnevisionModel:
                              f"drop), got {strategy!r}")
         videos, frames = pixel_values_videos.shape[:2]
         with state.clips(frames):
-            outputs = self.vision_tower(pixel_values_videos.flatten(0, 1), output_hidden_states=True,
-                                        return_dict=True, **kwargs)
+            outputs = self.vision_tower(pixel_values_videos.flatten(0, 1),
+                                        **{**kwargs, "output_hidden_states": True, "return_dict": True})
         layers = [layer] if isinstance(layer, int) else layer
         features = self.multi_modal_projector(torch.cat([outputs.hidden_states[i] for i in layers], dim=-1))
         newline = self.image_newline[None, None, :].expand(videos, 1, -1).to(features)
