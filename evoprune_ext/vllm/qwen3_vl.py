@@ -159,7 +159,7 @@ class EvoPruneQwen3VLForConditionalGeneration(EvoPruneQwenVL, Qwen3VLForConditio
                 raise ValueError(f"input_tokens: a video frame of {count} placeholders, but the tower keeps "
                                  f"{kept_tokens(h * w, keep_ratio)} of its {h * w} units (keep_ratio={keep_ratio})")
             blocks.append((offset, 1, h, w, 1.0))
-        return _mrope_positions(len(input_tokens), blocks, keep_ratio)
+        return _mrope_positions(len(input_tokens), blocks, keep_ratio, "frame")  # its tower refuses "clip"
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions: Tensor,
                                   num_computed_tokens: int) -> tuple[list[Tensor], Tensor, int]:
