@@ -116,6 +116,9 @@ def patch_tower(tower, config, options: dict) -> EvoPruneState:
     """Make vLLM's SiglipVisionTransformer `tower` prune as `evoprune_ext.patch` makes transformers' (its defaults:
     merge, proportional attention, the keys as the metric). The default schedule is that of the whole tower, as in
     transformers, though vLLM builds it only up to the feature layer, which must come after the last step."""
+    if options["budget"] != "frame":
+        raise ValueError(f"budget: EvoPrune's LLaVA-OneVision in vLLM supports 'frame' only (the clip budget is not "
+                         f"written for vLLM's SigLIP tower), got {options['budget']!r}")
     layers = resolve_layers(options.get("layers"), config.vision_config.num_hidden_layers)
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"EvoPrune reads one vision_feature_layer, got {config.vision_feature_layer}")

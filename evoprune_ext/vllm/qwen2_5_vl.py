@@ -1,10 +1,11 @@
 """EvoPrune inside vLLM's Qwen2.5-VL (`vllm/model_executor/models/qwen2_5_vl.py`), selected by
 `hf_overrides={"architectures": ["EvoPruneQwen2_5_VLForConditionalGeneration"], "evoprune": {"keep_ratio": 0.25}}`
-("evoprune" may also name "layers" and "alpha", as `evoprune_ext.patch` does).
+("evoprune" may also name "layers", "alpha" and "budget", as `evoprune_ext.patch` does).
 
 Three pieces, each a subclass of vLLM's own (what Qwen3-VL shares with them: `qwen_vl.py`):
-- the multimodal processor emits `t * round(h/2 * w/2 * keep_ratio)` placeholders per image or video (the counts
-  the tower will keep), from the grid alone, before the encoder runs;
+- the multimodal processor emits `t * round(h/2 * w/2 * keep_ratio)` placeholders per image or video, or
+  `round(t * h/2 * w/2 * keep_ratio)` under the clip budget (the counts the tower will keep), from the grid
+  alone, before the encoder runs;
 - the tower (`Qwen2_5_VisionTransformer`) runs the plumbing of `evoprune_ext/towers/packed.py`: whole 2x2 units
   pruned per frame after the attention of the scheduled blocks, window bookkeeping rebuilt after each step;
 - the model splits the tower's output by the kept counts and appends to each kept unit its original M-RoPE position
@@ -29,7 +30,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from evoprune_ext.schedule import MERGE, UNIT, frame_units, kept_tokens
+from evoprune_ext.schedule import MERGE, UNIT, frame_units, item_units
 from evoprune_ext.towers.packed import PackedTower, WindowUnits, kept_units
 from evoprune_ext.vllm.qwen_vl import (
     EvoPruneQwenVL,
@@ -47,11 +48,12 @@ class EvoPruneQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     """One placeholder per merge unit the tower keeps."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        keep_ratio = evoprune_options(self.info.get_hf_config())["keep_ratio"]
+        options = evoprune_options(self.info.get_hf_config())
 
         def kept(item_idx: int, modality: str, unpruned):
             t, h, w = out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data.tolist()
-            return unpruned(item_idx)[: t * kept_tokens((h // MERGE) * (w // MERGE), keep_ratio)]
+            return unpruned(item_idx)[: item_units(t, (h // MERGE) * (w // MERGE), options["keep_ratio"],
+                                                   options["budget"])]
 
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         return [replace(update, replacement=partial(kept, modality=update.modality, unpruned=update.replacement))
@@ -65,7 +67,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
         raise NotImplementedError("EvoPrune's tower runs eagerly (no encoder CUDA graphs)")
     state = self._evoprune
     grid = [[int(v) for v in row] for row in grid_thw]
-    keeps = state.keeps(frame_units(grid))
+    keeps = state.keeps(grid)
     metadata = self.prepare_encoder_metadata(grid)
 
     hidden = self.patch_embed(self.input_norm(x.to(device=self.device), self.dtype))
@@ -75,6 +77,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     units = WindowUnits(
         ids=window_index,
         frames=frame_units(grid),
+        pools=state.pools(grid),
         sizes=hidden.new_ones(len(window_index), dtype=torch.float32),
         position_embeddings=(metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]),
         window=torch.repeat_interleave(torch.arange(len(window_units), device=hidden.device), window_units),
@@ -120,8 +123,9 @@ class EvoPruneQwen2_5_VLForConditionalGeneration(EvoPruneQwenVL, Qwen2_5_VLForCo
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
         """vLLM's positions, computed before the encoder, for blocks of the pruned counts: each frame's first units
         stand in until `recompute_mrope_positions` puts the kept ones in; text resumes after the full grid."""
-        return _mrope_positions(len(input_tokens), self.iter_mm_grid_thw(mm_features),
-                                evoprune_options(self.config)["keep_ratio"])
+        options = evoprune_options(self.config)
+        return _mrope_positions(len(input_tokens), self.iter_mm_grid_thw(mm_features), options["keep_ratio"],
+                                options["budget"])
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions: Tensor,
                                   num_computed_tokens: int) -> tuple[list[Tensor], Tensor, int]:

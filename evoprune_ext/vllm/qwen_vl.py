@@ -23,7 +23,7 @@ from vllm.distributed import (
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.vision import get_load_balance_assignment
 
-from evoprune_ext.schedule import MERGE, kept_tokens
+from evoprune_ext.schedule import MERGE, check_budget, item_units
 from evoprune_ext.towers.packed import PackedTower, Units, prune_after_attention
 
 __all__ = ["EvoPruneQwenVL", "encode_positions", "evoprune_options", "split_positions"]
@@ -34,10 +34,17 @@ POSITION_CHANNELS = 2 * POSITION_VALUES  # appended to each kept unit's features
 
 
 def evoprune_options(config) -> dict:
-    """The "evoprune" entry of the model's hf_overrides: keep_ratio (required), layers, alpha."""
+    """The "evoprune" entry of the model's hf_overrides: keep_ratio (required), layers, alpha, budget ("frame", the
+    default, or "clip": `evoprune_ext.patch`'s options)."""
     options = dict(getattr(config, "evoprune", None) or {})
     if "keep_ratio" not in options:
         raise ValueError('EvoPrune models need hf_overrides={"evoprune": {"keep_ratio": ...}}')
+    unknown = set(options) - {"keep_ratio", "layers", "alpha", "budget"}
+    if unknown:
+        raise ValueError(f'hf_overrides["evoprune"]: unknown options {sorted(unknown)}; expected keep_ratio, layers, '
+                         'alpha, budget')
+    options.setdefault("budget", "frame")
+    check_budget(options["budget"])
     return options
 
 
@@ -127,20 +134,22 @@ def split_positions(embeddings: Tensor) -> tuple[Tensor, Tensor]:
     return embeddings[:, :-POSITION_CHANNELS], digits[:, :POSITION_VALUES] * POSITION_BASE + digits[:, POSITION_VALUES:]
 
 
-def _mrope_positions(length: int, blocks, keep_ratio: float) -> tuple[Tensor, int]:
+def _mrope_positions(length: int, blocks, keep_ratio: float, budget: str) -> tuple[Tensor, int]:
     """vLLM's M-RoPE positions of a prompt of `length` tokens whose visual blocks hold the pruned counts, and the
     delta of the tokens after it. `blocks`: (offset of the first placeholder, t, h, w in merge units, t_factor) of
-    each block in prompt order; a block holds `t * round(h * w * keep_ratio)` placeholders. Each frame's first
-    units stand in until the runner recomputes the kept ones; text resumes after the full grid, as unpruned."""
+    each block in prompt order; a block holds `schedule.item_units(t, h * w, keep_ratio, budget)` placeholders.
+    The first units of each frame (of the block, under the clip budget) stand in until the runner recomputes the
+    kept ones; text resumes after the full grid, as unpruned."""
     pieces, start, position = [], 0, 0
     for offset, t, h, w, t_factor in blocks:
         text = offset - start
         pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
-        per_frame = kept_tokens(h * w, keep_ratio)
+        count = item_units(t, h * w, keep_ratio, budget)
         grid = _grid_positions(t, h, w, t_factor)
-        pieces.append(grid.reshape(3, t, h * w)[:, :, :per_frame].reshape(3, -1) + position + text)
+        frames = 1 if budget == "clip" else t
+        pieces.append(grid.reshape(3, frames, -1)[:, :, : count // frames].reshape(3, -1) + position + text)
         position += text + grid.max() + 1
-        start = offset + t * per_frame
+        start = offset + count
     text = length - start
     pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
     positions = np.concatenate(pieces, axis=1)
@@ -165,7 +174,7 @@ class EvoPruneQwenVL:
                 "tower, if you like) instead"
             )
         tower.patch(self.visual, keep_ratio=options["keep_ratio"], layers=options.get("layers"),
-                    alpha=options.get("alpha"))
+                    alpha=options.get("alpha"), budget=options["budget"])
         # embed_multimodal appends positions (our _process_*_input) and recompute_mrope_positions strips them.
         self.is_multimodal_pruning_enabled = True
 
@@ -196,15 +205,15 @@ class EvoPruneQwenVL:
     def _evoprune_sharded(self, pixels: Tensor, grid: list[list[int]], t_factors: list[float]) -> tuple[Tensor, ...]:
         """mm_encoder_tp_mode="data": `_evoprune_items` on each rank for its share of the items (vLLM's assignment,
         balanced by patches), then gathered. vLLM's `run_dp_sharded_mrope_vision_model` does the same but cuts the
-        gathered rows by unpruned counts; an item's kept count is as static (t * round(h/2 * w/2 * keep_ratio)),
+        gathered rows by unpruned counts; an item's kept count is as static (`schedule.item_units`),
         so every rank knows where each item's rows lie, and the positions travel with them."""
         ranks, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         patches = [t * h * w for t, h, w in grid]
         order, counts, _ = get_load_balance_assignment(patches, ranks)
         bounds = [0, *itertools.accumulate(counts)]
         shares = [order[start:end] for start, end in zip(bounds, bounds[1:])]
-        keep_ratio = self.visual.evoprune_state.keep_ratio
-        rows = [t * kept_tokens((h // MERGE) * (w // MERGE), keep_ratio) for t, h, w in grid]
+        state = self.visual.evoprune_state
+        rows = [item_units(t, (h // MERGE) * (w // MERGE), state.keep_ratio, state.budget) for t, h, w in grid]
         first = [0, *itertools.accumulate(patches)]
         mine = shares[rank]
         if mine:

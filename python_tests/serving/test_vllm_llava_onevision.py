@@ -114,3 +114,10 @@ def test_evoprune_tensor_parallel_as_one_rank(engine):
     both ranks keep the same tokens."""
     assert_same(engine("keep 0.5, 2 ranks"), engine("keep 0.5"))
 
+
+
+def test_clip_budget_is_refused():
+    from evoprune_ext.vllm.llava_onevision import patch_tower
+
+    with pytest.raises(ValueError, match="budget: .* supports 'frame' only .* got 'clip'"):
+        patch_tower(None, None, {"keep_ratio": KEEP_RATIO, "budget": "clip"})

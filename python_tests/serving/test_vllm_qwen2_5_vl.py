@@ -68,6 +68,19 @@ def test_same_tokens_as_transformers(model_dir, tmp_path):
     assert run_transformers(model_dir, "Qwen2_5_VLForConditionalGeneration", REQUESTS, keep_ratio=0.5) == served
 
 
+def test_clip_budget_counts_and_same_tokens_as_transformers(runs, model_dir, tmp_path):
+    """budget="clip": a video's t=2 frames of 64 units keep round(128 * 0.4) = 51 units between them (52 per
+    frame: 2 * round(25.6)); the same prompts and answers as the transformers adapter, in float32."""
+    served = run_engine(tmp_path, model=model_dir, requests=REQUESTS, architecture=ARCHITECTURE, keep_ratio=0.4,
+                        dtype="float32", budget="clip")
+    for full, pruned in zip(runs[None], served):
+        expected = [(name, round(n * 0.4)) for name, n in visual_blocks(full["prompt"])]
+        assert visual_blocks(pruned["prompt"]) == expected
+    assert ("<|video_pad|>", 51) in visual_blocks(served[2]["prompt"])
+    assert run_transformers(model_dir, "Qwen2_5_VLForConditionalGeneration", REQUESTS, keep_ratio=0.4,
+                            budget="clip") == served
+
+
 def test_position_channels_are_exact_in_bfloat16():
     """Positions ride in the embeddings' dtype as two base-256 digits: bfloat16 rounds 257 to 256 (a long video's
     text would resume one position off), the digits do not; values past 65535 are refused."""
@@ -82,3 +95,17 @@ def test_position_channels_are_exact_in_bfloat16():
     assert torch.equal(got, positions) and torch.equal(got_features, features)
     with pytest.raises(ValueError, match="below 65536"):
         encode_positions(torch.tensor([[65536, 0, 0, 0]]), torch.bfloat16)
+
+
+def test_evoprune_options_are_checked():
+    from types import SimpleNamespace
+
+    from evoprune_ext.vllm.qwen_vl import evoprune_options
+
+    assert evoprune_options(SimpleNamespace(evoprune={"keep_ratio": 0.5}))["budget"] == "frame"
+    with pytest.raises(ValueError, match=r"keep_ratio"):
+        evoprune_options(SimpleNamespace(evoprune={"budget": "clip"}))
+    with pytest.raises(ValueError, match=r"unknown options \['budgets'\]; expected keep_ratio, layers, alpha, budget"):
+        evoprune_options(SimpleNamespace(evoprune={"keep_ratio": 0.5, "budgets": "clip"}))
+    with pytest.raises(ValueError, match=r"budget must be one of \('frame', 'clip'\), got 'video'"):
+        evoprune_options(SimpleNamespace(evoprune={"keep_ratio": 0.5, "budget": "video"}))

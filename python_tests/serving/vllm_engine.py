@@ -59,20 +59,20 @@ def request(prompt: str, *, images: int = 0, videos: int = 0, seed: int = 0, sid
 
 def run_engine(tmp: Path, *, model: str, requests: list[dict], architecture: str | None = None,
                keep_ratio: float | None = None, max_tokens: int = 8, passes: int = 1, dtype: str = "bfloat16",
-               engine: dict | None = None, logprobs: int = 0) -> list[dict]:
+               engine: dict | None = None, logprobs: int = 0, budget: str = "frame") -> list[dict]:
     """Generate for `requests` in a fresh engine, `passes` times over (the results of each pass, in order: a later
     pass finds the prefix cache warm). architecture=None: vLLM's own model class, unpruned. `engine`: more
     arguments of `vllm.LLM`. `logprobs`: the top so many logprobs of each output token, in the results."""
     job, out = tmp / "job.json", tmp / "out.json"
     job.write_text(json.dumps(dict(model=str(model), requests=requests, architecture=architecture,
                                    keep_ratio=keep_ratio, max_tokens=max_tokens, passes=passes, dtype=dtype,
-                                   engine=engine or {}, logprobs=logprobs)))
+                                   engine=engine or {}, logprobs=logprobs, budget=budget)))
     subprocess.run([sys.executable, __file__, str(job), str(out)], env=ENV, check=True, timeout=900)
     return json.loads(out.read_text())
 
 
 def run_transformers(model_dir: Path, model_class: str, requests: list[dict], keep_ratio: float,
-                     max_tokens: int = 8, logprobs: int = 0) -> list[dict]:
+                     max_tokens: int = 8, budget: str = "frame", logprobs: int = 0) -> list[dict]:
     """The results `run_engine` gives, from transformers' `model_class` pruned by `evoprune_ext.patch`, in float32
     and in this process (its pixels are the engine's); with `logprobs`, those of the raw logits, as vLLM's."""
     import torch
@@ -83,7 +83,7 @@ def run_transformers(model_dir: Path, model_class: str, requests: list[dict], ke
 
     model = getattr(transformers, model_class).from_pretrained(model_dir, dtype=torch.float32)
     processor = transformers.AutoProcessor.from_pretrained(model_dir)
-    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
+    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor, budget=budget)
     results = []
     for spec in requests:
         clips = videos(spec["videos"], spec["seed"])
@@ -168,7 +168,8 @@ def main(job_path: str, out: str) -> None:
     job = json.loads(Path(job_path).read_text())
     overrides = None
     if job["architecture"] is not None:
-        overrides = {"architectures": [job["architecture"]], "evoprune": {"keep_ratio": job["keep_ratio"]}}
+        overrides = {"architectures": [job["architecture"]],
+                     "evoprune": {"keep_ratio": job["keep_ratio"], "budget": job["budget"]}}
     most = {kind: max(spec[f"{kind}s"] for spec in job["requests"]) for kind in ("image", "video")}
     llm = LLM(model=job["model"], enforce_eager=True, dtype=job["dtype"], max_model_len=2048, hf_overrides=overrides,
               limit_mm_per_prompt=most, seed=0, **job["engine"])
