@@ -1,6 +1,6 @@
 """EvoPrune inside vLLM's LLaVA-OneVision (`vllm/model_executor/models/llava_onevision.py`), selected by
 `hf_overrides={"architectures": ["EvoPruneLlavaOnevisionForConditionalGeneration"], "evoprune": {"keep_ratio": 0.5}}`
-("evoprune" may also name "layers" and "alpha", as `evoprune_ext.patch` does).
+("evoprune" may also name "layers" and "alpha", as `evoprune_ext.patch` does; "budget" only as "frame").
 
 Every crop of an image and every frame of a video leaves vLLM's SigLIP tower with `k = round(patches * keep_ratio)`
 tokens, packed as the transformers adapter packs them (docs/ALGORITHM.md, "LLaVA-OneVision"):
@@ -12,7 +12,8 @@ their base crop only): the plugin keeps vLLM's choice, each image packed as abov
 Three pieces: the processing info counts those placeholders from the image size alone, before the encoder runs; the
 tower runs `towers/vit.py`'s plumbing (`EvoPruneState`, its encoder layer) with an attention written for vLLM's fused
 qkv projection and its heads split over the tensor-parallel ranks; the model packs the kept tokens. At keep_ratio 1
-nothing changes: vLLM's counts, packing and pooling, and the tower's arithmetic (no step keeps every token).
+nothing changes: vLLM's counts, packing and pooling, and the tower's arithmetic (steps that would keep every token
+are skipped).
 """
 
 import torch
