@@ -215,6 +215,15 @@ def test_onevision_keep_ratio_one_generates_the_unpatched_tokens(kind, dtype):
     assert torch.equal(got, expected)
 
 
+def test_onevision_clip_budget_at_keep_ratio_one_generates_the_unpatched_tokens():
+    needs_onevision_processor()
+    model, processor = random_models.llava_onevision()
+    expected_batch, expected = generate(model, processor, **ONEVISION_INPUTS["two videos"])
+    evoprune_ext.patch(model, keep_ratio=1.0, processor=processor, budget="clip")
+    batch, got = generate(model, processor, **ONEVISION_INPUTS["two videos"])
+    assert torch.equal(batch["input_ids"], expected_batch["input_ids"]) and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("kind,budget", [(kind, "frame") for kind in ONEVISION_INPUTS]
                          + [("video", "clip"), ("two videos", "clip"), ("anyres images", "clip")])
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])

@@ -1,9 +1,9 @@
 """Serving on several ranks (vLLM's CPU build, 2 ranks, float32, greedy): for Qwen2.5-VL and Qwen3-VL, image
 and video requests give the same prompt, the same tokens and the same top-3 logprobs (within 1e-4) with two ranks
-as with one, whether the tower is split by heads (tensor_parallel_size=2) or runs whole on each rank on its share
-of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held to the same bar. Pipeline
-parallelism is refused. One engine at a time, each in a subprocess (vllm_engine.py); the one-rank runs are shared
-by a family's tests."""
+as with one (Qwen2.5-VL under the clip budget), whether the tower is split by heads (tensor_parallel_size=2) or
+runs whole on each rank on its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held
+to the same bar. Pipeline parallelism is refused. One engine at a time, each in a subprocess (vllm_engine.py); the
+one-rank runs are shared by a family's tests."""
 
 import subprocess
 
@@ -12,9 +12,11 @@ from vllm_engine import IMAGE, TWO_RANKS, VIDEO, assert_same, request, run_engin
 
 from evoprune_ext import random_models
 
+# (builder, architecture, budget): Qwen2.5-VL runs the clip budget here (its frame budget runs the same
+# collectives), so that both budgets meet both kinds of parallelism at no extra engine.
 FAMILIES = {
-    "qwen2_5_vl": (random_models.qwen2_5_vl, "EvoPruneQwen2_5_VLForConditionalGeneration"),
-    "qwen3_vl": (random_models.qwen3_vl, "EvoPruneQwen3VLForConditionalGeneration"),
+    "qwen2_5_vl": (random_models.qwen2_5_vl, "EvoPruneQwen2_5_VLForConditionalGeneration", "clip"),
+    "qwen3_vl": (random_models.qwen3_vl, "EvoPruneQwen3VLForConditionalGeneration", "frame"),
 }
 # Several items per request, of different sizes, so that the data-parallel tower shares them out over both ranks.
 REQUESTS = [
@@ -27,15 +29,15 @@ KEEP_RATIO = 0.5
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory) -> tuple:
-    builder, architecture = FAMILIES[request.param]
-    return save_tiny_model(tmp_path_factory, builder), architecture
+    builder, architecture, budget = FAMILIES[request.param]
+    return save_tiny_model(tmp_path_factory, builder), architecture, budget
 
 
 def generate(tmp_path_factory, family, *, pruned: bool, **engine) -> list[dict]:
-    model_dir, architecture = family
+    model_dir, architecture, budget = family
     return run_engine(tmp_path_factory.mktemp("run"), model=model_dir, requests=REQUESTS, dtype="float32",
                       architecture=architecture if pruned else None, keep_ratio=KEEP_RATIO if pruned else None,
-                      max_tokens=6, logprobs=3, engine=engine)
+                      max_tokens=6, logprobs=3, engine=engine, budget=budget)
 
 
 @pytest.fixture(scope="module")
