@@ -29,7 +29,7 @@ from evoprune_ext.pruning import Step, evoprune_step, resolve_alpha
 from evoprune_ext.schedule import check_budget, check_keep_ratio, resolve_layers, schedule_keeps
 from evoprune_ext.swap import swap
 
-__all__ = ["METRICS", "EvoPruneState", "PruneStep", "ViTTower"]
+__all__ = ["METRICS", "EvoPruneState", "PruneStep", "ViTTower", "attend_per_frame"]
 
 METRICS = ("keys", "hidden")
 
@@ -229,7 +229,7 @@ class PrunedAttention:
         if state.frame_lengths is None:
             attn_output, attn_weights, importance = attend(queries, keys, values, mask, bias)
         else:
-            attn_output, importance = _attend_per_frame(attend, state.frame_lengths, queries, keys, values, bias)
+            attn_output, importance = attend_per_frame(attend, state.frame_lengths, queries, keys, values, bias)
             attn_weights = None  # ragged: one matrix per frame
         if prunes:
             state._pending = (importance, keys.mean(dim=1) if state.metric == "keys" else None)
@@ -252,7 +252,7 @@ class PrunedAttention:
         return torch.ops.evoprune.importance_from_qk(queries, keys, self.scale)
 
 
-def _attend_per_frame(attend, frame_lengths, queries, keys, values, bias):
+def attend_per_frame(attend, frame_lengths, queries, keys, values, bias):
     """Attention within each frame of pooled videos (clip budget): row v of queries, keys, values [V,H,K,d] and
     bias [V,1,1,K] holds video v's frames one after the other, `frame_lengths[v]` tokens each. Returns the
     attention output [V,K,H,d] and the importance [V,K] (None when `attend` gives none)."""

@@ -1,11 +1,12 @@
 """EvoPrune inside vLLM's LLaVA-OneVision (`vllm/model_executor/models/llava_onevision.py`), selected by
 `hf_overrides={"architectures": ["EvoPruneLlavaOnevisionForConditionalGeneration"], "evoprune": {"keep_ratio": 0.5}}`
-("evoprune" may also name "layers" and "alpha", as `evoprune_ext.patch` does; "budget" only as "frame").
+("evoprune" may also name "layers", "alpha" and "budget", as `evoprune_ext.patch` does).
 
 Every crop of an image and every frame of a video leaves vLLM's SigLIP tower with `k = round(patches * keep_ratio)`
 tokens, packed as the transformers adapter packs them (docs/ALGORITHM.md, "LLaVA-OneVision"):
 - an image (anyres): the base crop's k tokens, then each row of grid crops followed by one newline (not unpadded);
-- a video: `frames * k` tokens (EvoPrune replaces the 2x2 pooling), then the video's newline.
+- a video: `frames * k` tokens (EvoPrune replaces the 2x2 pooling), then the video's newline; under the clip budget
+  its frames are one pool that keeps `round(frames * patches * keep_ratio)` tokens, then the newline.
 vLLM gives every image of a prompt its anyres grid, also when the prompt holds several (transformers gives those
 their base crop only): the plugin keeps vLLM's choice, each image packed as above.
 
@@ -31,7 +32,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from evoprune_ext.pruning import evoprune_step, resolve_alpha
 from evoprune_ext.schedule import check_keep_ratio, kept_tokens, resolve_layers
 from evoprune_ext.swap import swap
-from evoprune_ext.towers.vit import EvoPruneState, PrunedAttention, PrunedEncoderLayer, ViTTower
+from evoprune_ext.towers.vit import EvoPruneState, PrunedAttention, PrunedEncoderLayer, ViTTower, attend_per_frame
 from evoprune_ext.vllm.qwen_vl import _all_heads, evoprune_options
 
 __all__ = ["EvoPruneLlavaOnevisionForConditionalGeneration", "EvoPruneLlavaOnevisionProcessingInfo"]
@@ -54,6 +55,14 @@ class EvoPruneLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
         if self._evoprune_keep_ratio() == 1:
             return super()._get_num_frame_tokens(image_width=image_width, image_height=image_height)
         return self._evoprune_tokens_per_crop()
+
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
+        options = evoprune_options(self.get_hf_config())
+        if options["budget"] != "clip" or options["keep_ratio"] == 1:
+            return super().get_num_video_tokens(image_width=image_width, image_height=image_height,
+                                                num_frames=num_frames)
+        patches = self.get_vision_encoder_info().get_patch_grid_length() ** 2
+        return kept_tokens(num_frames * patches, options["keep_ratio"]) + 1  # the frames' pool, then the newline
 
     def _evoprune_keep_ratio(self) -> float:
         return evoprune_options(self.get_hf_config())["keep_ratio"]
@@ -89,17 +98,26 @@ class PrunedVllmAttention(PrunedAttention):
         state = self._evoprune
         bias = state.attention_bias(hidden_states.dtype)
         prunes = state.prunes_at(self._evoprune_layer)
-        if bias is None and not prunes:
+        if bias is None and not prunes and state.frame_lengths is None:
             return self._evoprune_base.forward(self, hidden_states)
         qkv, _ = self.qkv_proj(hidden_states)
         queries, keys, values = (x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for x in qkv.chunk(3, dim=-1))
-        if bias is None:
+
+        def attend(queries, keys, values, mask, bias):
+            out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                                                   scale=self.scale).transpose(1, 2)
+            return out, None, self._importance(queries, keys, None, bias) if prunes else None
+
+        if state.frame_lengths is not None:  # a video's frames pooled (clip budget): attention within each frame
+            out, importance = attend_per_frame(attend, state.frame_lengths, queries, keys, values, bias)
+        elif bias is None:  # nothing merged yet: vLLM's own attention
             out = self.attn(*qkv.chunk(3, dim=-1))
+            importance = self._importance(queries, keys, None, None) if prunes else None
         else:
-            out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=bias,
-                                                                   scale=self.scale).transpose(1, 2).flatten(2)
+            out, _, importance = attend(queries, keys, values, bias, bias)
+        out = out.flatten(2)
         if prunes:
-            importance, metric = self._importance(queries, keys, None, bias), keys.mean(dim=1)
+            metric = keys.mean(dim=1)
             all_heads = _all_heads(self.tp_size)
             if all_heads is not None:
                 both = all_heads(torch.cat([metric.float(), importance[..., None]], dim=-1))
@@ -117,9 +135,6 @@ def patch_tower(tower, config, options: dict) -> EvoPruneState:
     """Make vLLM's SiglipVisionTransformer `tower` prune as `evoprune_ext.patch` makes transformers' (its defaults:
     merge, proportional attention, the keys as the metric). The default schedule is that of the whole tower, as in
     transformers, though vLLM builds it only up to the feature layer, which must come after the last step."""
-    if options["budget"] != "frame":
-        raise ValueError(f"budget: EvoPrune's LLaVA-OneVision in vLLM supports 'frame' only (the clip budget is not "
-                         f"written for vLLM's SigLIP tower), got {options['budget']!r}")
     layers = resolve_layers(options.get("layers"), config.vision_config.num_hidden_layers)
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"EvoPrune reads one vision_feature_layer, got {config.vision_feature_layer}")
@@ -132,7 +147,7 @@ def patch_tower(tower, config, options: dict) -> EvoPruneState:
                          f"got {config.vision_feature_select_strategy!r}")
     state = EvoPruneState(keep_ratio=check_keep_ratio(options["keep_ratio"]), layers=layers,
                           alpha=resolve_alpha(options.get("alpha")), merge=True, proportional_attention=True,
-                          metric="keys", step=evoprune_step, adapter=TOWER)
+                          metric="keys", step=evoprune_step, adapter=TOWER, budget=options["budget"])
     swap(tower.encoder, PrunedVllmEncoder, state)
     for i, layer in enumerate(tower.encoder.layers):
         swap(layer, PrunedVllmEncoderLayer, state, layer=i)
@@ -165,6 +180,22 @@ class EvoPruneLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditiona
         grid = grid[: rows * columns].reshape(rows, columns * base.shape[0], base.shape[1])  # crops padded for batching
         newline = image_newline.to(grid.device, grid.dtype).expand(rows, 1, -1)
         return torch.cat((base, torch.cat((grid, newline), dim=1).flatten(0, 1)))
+
+    def _process_video_pixels(self, inputs):
+        """Under the clip budget each video's frames are one pool (`EvoPruneState.clips`): its kept tokens, then
+        its newline. Videos of one length share a pass (vLLM stacks them), others run one by one."""
+        state = self.evoprune_state
+        if state.budget != "clip" or state.keep_ratio == 1:
+            return super()._process_video_pixels(inputs)
+        pixels = inputs["pixel_values_videos"]
+        batches = [pixels] if isinstance(pixels, Tensor) else [video[None] for video in pixels]
+        newline = self.image_newline[None, None, :]
+        videos = []
+        for batch in batches:
+            with state.clips(batch.shape[1]):
+                features = self._video_pixels_to_features(self.vision_tower, batch.flatten(0, 1))
+            videos.append(torch.cat((features, newline.expand(len(features), -1, -1)), dim=1))
+        return videos[0] if isinstance(pixels, Tensor) else videos
 
     def apply_pooling(self, image_features: Tensor, stride: int = 2) -> Tensor:
         if self.evoprune_state.keep_ratio == 1:

@@ -1,7 +1,8 @@
 """vLLM's LLaVA-OneVision with EvoPrune in its SigLIP tower (evoprune_ext/vllm/llava_onevision.py), on a tiny random
 model saved locally, float32, greedy, top-3 logprobs: keep_ratio=1 gives vLLM's own tokens; at 0.5 every crop and
 frame holds the kept count of placeholders and the answer is the transformers adapter's; two ranks give one rank's
-(vLLM's own model as the control). Engines run on demand, each in a subprocess (vllm_engine.py), shared by the tests.
+(vLLM's own model as the control); the clip budget too. Engines run on demand, each in a subprocess
+(vllm_engine.py), shared by the tests.
 """
 
 import pytest
@@ -28,6 +29,7 @@ ENGINES = {  # name: (keep_ratio, None for vLLM's own model; more arguments of v
     "keep 0.5": (KEEP_RATIO, {}),
     "vllm, 2 ranks": (None, TWO_RANKS),
     "keep 0.5, 2 ranks": (KEEP_RATIO, TWO_RANKS),
+    "keep 0.5, clip": (KEEP_RATIO, {}),
 }
 
 
@@ -64,7 +66,7 @@ def engine(model_dir, tmp_path_factory):
             results[name] = run_engine(
                 tmp_path_factory.mktemp("run"), model=model_dir, requests=REQUESTS, dtype="float32", max_tokens=6,
                 logprobs=3, keep_ratio=keep_ratio, architecture=None if keep_ratio is None else ARCHITECTURE,
-                engine=arguments,
+                engine=arguments, budget="clip" if name.endswith("clip") else "frame",
             )
         return results[name]
 
@@ -115,9 +117,14 @@ def test_evoprune_tensor_parallel_as_one_rank(engine):
     assert_same(engine("keep 0.5, 2 ranks"), engine("keep 0.5"))
 
 
-
-def test_clip_budget_is_refused():
-    from evoprune_ext.vllm.llava_onevision import patch_tower
-
-    with pytest.raises(ValueError, match="budget: .* supports 'frame' only .* got 'clip'"):
-        patch_tower(None, None, {"keep_ratio": KEEP_RATIO, "budget": "clip"})
+def test_clip_budget_counts_and_same_as_transformers(engine, model_dir):
+    """budget="clip": the video's 4 frames keep round(4 * 49 * 0.5) = 98 tokens between them (4 * 24 = 96 under
+    the frame budget), then its newline; images are unchanged; the transformers adapter gives the same prompt,
+    tokens and top-3 logprobs."""
+    served = engine("keep 0.5, clip")
+    frame = engine("keep 0.5")
+    assert blocks(served[1]) == [kept_tokens(FRAMES * PATCHES, KEEP_RATIO) + 1] == [99]
+    assert [blocks(r) for i, r in enumerate(served) if i != 1] == [blocks(r) for i, r in enumerate(frame) if i != 1]
+    expected = run_transformers(model_dir, "LlavaOnevisionForConditionalGeneration", PARITY, keep_ratio=KEEP_RATIO,
+                                max_tokens=6, logprobs=3, budget="clip")
+    assert_same(served[: len(PARITY)], expected)
