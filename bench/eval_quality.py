@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402  (bench/evaluation.py)
 from peers import PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "quality_model"
@@ -89,9 +90,9 @@ SCHEDULES = {
 }
 # The retentions whose accuracy picks the defaults: where pruning matters and methods differ.
 DECIDING = [0.5, 0.25, 0.125]
-# Confidence intervals are 95%: accuracies get Wilson intervals, differences between two settings on the same
-# images paired normal intervals; a default changes only on a difference whose interval excludes 0.
-Z = 1.959964
+# Confidence intervals (bench/evaluation.py) are 95%: accuracies get Wilson intervals, differences between two
+# settings on the same images paired normal intervals; a default changes only on a difference whose interval
+# excludes 0.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,39 +195,15 @@ def correct(logits, y, per: int) -> torch.Tensor:
 def train(steps: int | None = None, log=print) -> tuple[DigitSet, dict]:
     """Train the model from fixed seeds with deterministic algorithms; returns it and a training record."""
     cfg = dict(TRAINING, steps=steps or TRAINING["steps"])
-    torch.manual_seed(cfg["seed"])
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
-        pools = digit_pools(TASK)
-        model = DigitSet(MODEL, NUM_CLASSES)
-        params = list(model.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    pools = digit_pools(TASK)
 
-        def lr_factor(step):
-            return min(1.0, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
+    def loss(model, batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(model(x), y)
 
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-        model.train()
-        start = time.perf_counter()
-        for step in range(cfg["steps"]):
-            x, y = compose(TASK, pools, "train", cfg["batch"], gen)
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg["clip"])
-            opt.step()
-            schedule.step()
-            if log and (step + 1) % 100 == 0:
-                log(f"  step {step + 1}/{cfg['steps']}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
-        model.eval()
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(saved_threads)
-    return model, {"training": cfg, "train_seconds": round(time.perf_counter() - start, 1)}
+    model, seconds = fit(lambda: DigitSet(MODEL, NUM_CLASSES), lambda gen: compose(TASK, pools, "train",
+                         cfg["batch"], gen), loss, cfg, log)
+    return model, {"training": cfg, "train_seconds": seconds}
 
 
 def save(model: DigitSet, record: dict, directory: Path = MODEL_DIR) -> None:
@@ -272,20 +249,6 @@ def evaluate(model: DigitSet, x, y, *, retention: float, layers, alpha=None, ste
         return hits(model, x, y)
     finally:
         evoprune_ext.unpatch(model.vision)
-
-
-def wilson(successes: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p, z2 = successes / n, Z**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Mean of a - b over the same images and its 95% half-width (normal approximation, paired)."""
-    d = a.double() - b.double()
-    return d.mean().item(), Z * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
 
 
 def schedule_layers(num_layers: int, first: int, every: int, steps: int) -> list[int]:
@@ -362,17 +325,6 @@ def lookup(rows, method, schedule, retention, key="accuracy"):
 def per_image_mean(per_image, method, schedules, retentions) -> torch.Tensor:
     """Per test image, the share of (schedule, retention) settings in which `method` gets it right."""
     return torch.stack([per_image[method, s, r].double() for s in schedules for r in retentions]).mean(0)
-
-
-def equal_to_best(scores: dict) -> tuple[object, dict]:
-    """The key of the best mean score and, for every key, (mean, paired difference to the best, its half-width,
-    whether the difference is inside the noise: its 95% interval contains 0)."""
-    best = max(scores, key=lambda k: scores[k].mean().item())
-    out = {}
-    for k, s in scores.items():
-        diff, half = paired(s, scores[best])
-        out[k] = {"mean": s.mean().item(), "diff": diff, "half": half, "tied": k == best or diff + half >= 0}
-    return best, out
 
 
 def choose_defaults(per_image, alphas, schedules, model_config, deciding) -> dict:
