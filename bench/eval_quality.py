@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402  (bench/evaluation.py)
+import evaluation  # noqa: E402  (bench/evaluation.py)
+from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402
 from peers import PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "quality_model"
@@ -207,21 +208,11 @@ def train(steps: int | None = None, log=print) -> tuple[DigitSet, dict]:
 
 
 def save(model: DigitSet, record: dict, directory: Path = MODEL_DIR) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    config = {"task": TASK, "model": MODEL, "num_classes": NUM_CLASSES, **record}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    evaluation.save(model, {"task": TASK, "model": MODEL, "num_classes": NUM_CLASSES, **record}, directory)
 
 
 def load(directory: Path = MODEL_DIR) -> tuple[DigitSet, dict]:
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / "config.json").read_text())
-    model = DigitSet(config["model"], config["num_classes"])
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    return model.eval(), config
+    return evaluation.load(directory, lambda config: DigitSet(config["model"], config["num_classes"]))
 
 
 # ----------------------------------------------------------------------------------------------------------

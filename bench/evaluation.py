@@ -1,9 +1,12 @@
 """What the accuracy benchmarks share (bench/eval_quality.py on images, bench/eval_video.py on clips): the 95%
-intervals, the comparison of settings with the best one, and the reproducible training loop."""
+intervals, the comparison of settings with the best one, the reproducible training loop, and saving the trained
+model with its config."""
 
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -73,3 +76,22 @@ def fit(build: Callable[[], nn.Module], batch: Callable, loss: Callable, cfg: di
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(saved_threads)
     return model, round(time.perf_counter() - start, 1)
+
+
+def save(model: nn.Module, config: dict, directory: Path) -> None:
+    """A trained model's weights (model.safetensors) and `config` (config.json: task, model, training record)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load(directory: Path, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
+    """A model that `save` wrote: `build(config)` makes it and the weights fill it; in eval mode, with its config."""
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "config.json").read_text())
+    model = build(config)
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model.eval(), config
