@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluation  # noqa: E402  (bench/evaluation.py)
-from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402
+from evaluation import equal_to_best, fit, wilson  # noqa: E402
 from peers import PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "quality_model"
@@ -365,31 +365,6 @@ def _cell(rows, name, schedule, r) -> str:
     return f"{100 * lookup(rows, name, schedule, r):.1f} ({100 * low:.1f}-{100 * high:.1f})"
 
 
-def differences(per_image, names, reference, schedule, layers, pruned) -> str:
-    """Markdown: every method's paired difference to `reference` at `schedule`, then which differ beyond the
-    noise at each retention."""
-    out = [f"\nDifference to {reference} at the same layers {layers}, in points, on the same images (paired; "
-           f"+- the 95% half-width; bold: outside the noise):\n\n| method | "
-           + " | ".join(f"{100 * r:g}%" for r in pruned) + " |\n|---|" + "---|" * len(pruned) + "\n"]
-    apart = {r: {"better": [], "worse": [], "equal": []} for r in pruned}
-    for name in names:
-        if name == reference:
-            continue
-        cells = []
-        for r in pruned:
-            diff, half = paired(per_image[name, schedule, r], per_image[reference, schedule, r])
-            text = f"{100 * diff:+.1f} +- {100 * half:.1f}"
-            cells.append(f"**{text}**" if abs(diff) > half else text)
-            apart[r]["equal" if abs(diff) <= half else "better" if diff > 0 else "worse"].append(name)
-        out.append(f"| {name} | {' | '.join(cells)} |\n")
-    out.append(f"\nAgainst {reference} at {layers}, beyond the noise:\n")
-    for r in pruned:
-        out.append(f"- at {100 * r:g}%: better " + (", ".join(apart[r]["better"]) or "none") + "; worse "
-                   + (", ".join(apart[r]["worse"]) or "none") + "; equal within the noise "
-                   + (", ".join(apart[r]["equal"]) or "none") + ".\n")
-    return "".join(out)
-
-
 def markdown(rows, per_image, retentions, schedules, peer_schedules, peers, alphas, chosen, task, count) -> str:
     """Methods vs retention (with 95% intervals) and every method's paired difference to the chosen EvoPrune, at
     each schedule (the chosen one first), then EvoPrune's alpha x schedule table."""
@@ -414,7 +389,10 @@ def markdown(rows, per_image, retentions, schedules, peer_schedules, peers, alph
             mark = " **(chosen)**" if name == chosen_name and schedule == chosen["schedule"] else ""
             out.append(f"| {name}{mark} | " + " | ".join(_cell(rows, name, schedule, r) for r in retentions)
                        + " |\n")
-        out.append(differences(per_image, names, chosen_name, schedule, schedules[schedule], pruned))
+        out.append(f"\nDifference to {chosen_name} at the same layers {schedules[schedule]}, in points, on the same "
+                   "images (paired; +- the 95% half-width; bold: outside the noise):\n\n")
+        out.append(evaluation.differences({(n, r): per_image[n, schedule, r] for n in names for r in pruned}, names,
+                                          chosen_name, pruned, f"{chosen_name} at {schedules[schedule]}"))
     deciding = ", ".join(f"{100 * r:g}%" for r in chosen["deciding_retentions"])
     out.append(f"\nEvoPrune, mean accuracy at {deciding} retention, by schedule and alpha:\n\n")
     out.append("| schedule | layers | " + " | ".join(f"a={a:g}" for a in alphas) + " |\n|---|---|"

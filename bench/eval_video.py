@@ -51,7 +51,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_quality import correct, digit_pools  # noqa: E402  (bench/eval_quality.py)
 import evaluation  # noqa: E402  (bench/evaluation.py)
-from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402
+from evaluation import equal_to_best, fit, wilson  # noqa: E402
 from peers import PEERS, VIDEO_PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "video_model"
@@ -483,17 +483,8 @@ def markdown(rows, per_clip, names, retentions, chosen, task, count) -> str:
         mark = " **(chosen)**" if name == chosen["name"] else ""
         out.append(f"| {name}{mark} | " + " | ".join(_cell(rows, name, r) for r in retentions) + " |\n")
     out.append(f"\nDifference to {chosen['name']}, in points, on the same clips (paired; +- the 95% half-width; "
-               "bold: outside the noise):\n\n| method | " + " | ".join(f"{100 * r:g}%" for r in pruned)
-               + " |\n|---|" + "---|" * len(pruned) + "\n")
-    for name in names:
-        if name == chosen["name"]:
-            continue
-        cells = []
-        for r in pruned:
-            diff, half = paired(per_clip[name, r], per_clip[chosen["name"], r])
-            text = f"{100 * diff:+.1f} +- {100 * half:.1f}"
-            cells.append(f"**{text}**" if abs(diff) > half else text)
-        out.append(f"| {name} | {' | '.join(cells)} |\n")
+               "bold: outside the noise):\n\n")
+    out.append(evaluation.differences(per_clip, names, chosen["name"], pruned, chosen["name"]))
     lowest = min(pruned)
     out.append(f"\nEach question at {100 * lowest:g}% retention (unpruned: "
                + ", ".join(f"{q} {100 * lookup(rows, 'unpruned', 1.0, q):.1f}" for q in QUESTIONS) + "):\n\n| method | "

@@ -41,6 +41,30 @@ def equal_to_best(scores: dict) -> tuple[object, dict]:
     return best, out
 
 
+def differences(per_item: dict, names, reference: str, retentions, label: str) -> str:
+    """Markdown: every method's paired difference to `reference` (per_item[(name, retention)]: per-input scores),
+    then which methods differ from `label` beyond the noise at each retention."""
+    out = ["| method | " + " | ".join(f"{100 * r:g}%" for r in retentions) + " |\n|---|"
+           + "---|" * len(retentions) + "\n"]
+    apart = {r: {"better": [], "worse": [], "equal": []} for r in retentions}
+    for name in names:
+        if name == reference:
+            continue
+        cells = []
+        for r in retentions:
+            diff, half = paired(per_item[name, r], per_item[reference, r])
+            text = f"{100 * diff:+.1f} +- {100 * half:.1f}"
+            cells.append(f"**{text}**" if abs(diff) > half else text)
+            apart[r]["equal" if abs(diff) <= half else "better" if diff > 0 else "worse"].append(name)
+        out.append(f"| {name} | {' | '.join(cells)} |\n")
+    out.append(f"\nAgainst {label}, beyond the noise:\n")
+    for r in retentions:
+        out.append(f"- at {100 * r:g}%: better " + (", ".join(apart[r]["better"]) or "none") + "; worse "
+                   + (", ".join(apart[r]["worse"]) or "none") + "; equal within the noise "
+                   + (", ".join(apart[r]["equal"]) or "none") + ".\n")
+    return "".join(out)
+
+
 def fit(build: Callable[[], nn.Module], batch: Callable, loss: Callable, cfg: dict, log=print):
     """Train `build()` from fixed seeds with deterministic algorithms on `cfg["threads"]` threads: AdamW, linear
     warmup then cosine decay, gradient clipping. `batch(gen)` draws a training batch from the seeded generator,
