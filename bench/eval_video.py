@@ -151,8 +151,8 @@ def appearances(task: dict, gen: torch.Generator) -> list[list[tuple[int, int]]]
 def compose(task: dict, pools, backgrounds, split: str, count: int, gen: torch.Generator):
     """`count` clips as frames [count * F, 1, S, S] (each clip's frames consecutive) and their answers:
     `present` multi-hot [count, 10], `first` [count] (the class that appears first), `counts` [count, 10]
-    (appearances of each class, 0 if absent), `seen` multi-hot [count, F, 10] (the classes each frame shows,
-    for training only)."""
+    (appearances of each class, 0 if absent); for training only, `seen` multi-hot [count, F, 10] (the classes
+    each frame shows) and `patches` [count, F, N] (the class each patch shows, 10 for none)."""
     images, labels, train_ids, test_ids = pools
     ids = train_ids if split == "train" else test_ids
     by_class = [ids[labels[ids] == k] for k in range(NUM_CLASSES)]
@@ -163,6 +163,7 @@ def compose(task: dict, pools, backgrounds, split: str, count: int, gen: torch.G
     present, first, counts = torch.zeros(count, NUM_CLASSES), torch.zeros(count, dtype=torch.long), \
         torch.zeros(count, NUM_CLASSES, dtype=torch.long)
     seen = torch.zeros(count, frames, NUM_CLASSES)
+    patches = torch.full((count, frames, size // cell, size // cell), NUM_CLASSES, dtype=torch.long)
     steps = torch.arange(frames)
     for i in range(count):
         photo = backgrounds[int(torch.randint(len(backgrounds), (1,), generator=gen))]
@@ -186,12 +187,13 @@ def compose(task: dict, pools, backgrounds, split: str, count: int, gen: torch.G
                 area = frame[start : start + length, r * cell : (r + span) * cell, c * cell : (c + span) * cell]
                 area.mul_(1 - ink).add_(ink)
                 seen[i, start : start + length, k] = 1.0
+                patches[i, start : start + length, r : r + span, c : c + span] = k
             present[i, k], counts[i, k] = 1.0, len(digit_runs)
         first[i] = classes[min(range(len(runs)), key=lambda j: runs[j][0][0])]
         x[i] = frame
     x += torch.randn(x.shape, generator=gen) * task["noise_std"]
     return x.view(count * frames, 1, size, size), {"present": present, "first": first, "counts": counts,
-                                                   "seen": seen}
+                                                   "seen": seen, "patches": patches.flatten(2)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,11 +254,15 @@ class VideoQA(nn.Module):
         self.vision = SiglipVisionModel(config)
         self.frames = task["frames"]
         self.head = ClipHead(config.hidden_size, task["frames"], appearances=task["appearances"], **head_config)
+        self.patch_digits = nn.Linear(config.hidden_size, NUM_CLASSES + 1)
 
     def forward(self, pixel_values):
-        """Unpruned: [V*F, 1, S, S] -> the three answers' logits."""
+        """Unpruned, for training: [V*F, 1, S, S] -> the head's four outputs and, from a linear probe on the
+        encoder's tokens, which digit each patch shows [V, F*N, 11] (10: none): dense supervision that teaches the
+        encoder within the training budget."""
         tokens = self.vision(pixel_values=pixel_values).last_hidden_state
-        return self.head(*frame_tokens(tokens, self.frames))
+        clip = frame_tokens(tokens, self.frames)
+        return *self.head(*clip), self.patch_digits(clip[0])
 
 
 def frame_tokens(tokens, frames: int, sizes=None):
@@ -268,15 +274,16 @@ def frame_tokens(tokens, frames: int, sizes=None):
 
 def loss(model, batch):
     x, y = batch
-    present, first, counts, seen = model(x)
+    present, first, counts, seen, patches = model(x)
     return (F.binary_cross_entropy_with_logits(present, y["present"]) + F.cross_entropy(first, y["first"])
             + F.cross_entropy(counts.flatten(0, 1), y["counts"].flatten())
-            + F.binary_cross_entropy_with_logits(seen, y["seen"]))
+            + F.binary_cross_entropy_with_logits(seen, y["seen"])
+            + F.cross_entropy(patches.flatten(0, 1), y["patches"].flatten()))
 
 
 def answered(logits, y) -> torch.Tensor:
     """Per clip, bool [V, 3]: is the set of digits right, the first digit, the count of each present digit."""
-    present, first, counts, _ = logits
+    present, first, counts = logits[:3]
     per = int(y["present"][0].sum().item())
     right_counts = (counts.argmax(dim=-1) == y["counts"]) | (y["present"] == 0)
     return torch.stack([correct(present, y["present"], per), first.argmax(dim=-1) == y["first"],
@@ -326,19 +333,25 @@ def methods(alphas, clip_mode: bool) -> dict[str, dict]:
     return out
 
 
-def clip_tokens(model: VideoQA, x, method: dict, retention: float):
+def pruned_tokens(model: VideoQA, x, mode: str):
     """The head's input (tokens [V, K, D], frames [V, K], sizes [V, K]) from the frames x [V*F, 1, S, S] of V
-    clips, the tower patched as `method` says (already patched for "frame" and "clip")."""
-    frames, tower = model.frames, model.vision
-    if method["mode"] == "frame":
-        out = tower(pixel_values=x).last_hidden_state
-        return frame_tokens(out, frames, tower.evoprune_state.sizes if retention < 1 else None)
-    if method["mode"] == "clip":
-        state = tower.evoprune_state
-        with state.clips(frames=frames):
-            out = tower(pixel_values=x).last_hidden_state
-        return out, state.index // out_patches(model), state.sizes
-    raise ValueError(method["mode"])
+    clips, the tower patched and pruning each frame ("frame") or each clip ("clip")."""
+    frames, state = model.frames, model.vision.evoprune_state
+    if mode == "frame":
+        return frame_tokens(model.vision(pixel_values=x).last_hidden_state, frames, state.sizes)
+    with state.clips(frames=frames):
+        out = model.vision(pixel_values=x).last_hidden_state
+    index = state.index if state.index is not None else first_member(state.slot, out.shape[1])
+    return out, index // out_patches(model), state.sizes
+
+
+def first_member(slot, k: int):
+    """[V, K]: the first clip position each output token carries (a token's frame where a step, like ToMe, gives
+    no index of kept tokens), from the slot map [V, F*N] (-1: dropped)."""
+    n = slot.shape[1]
+    positions = torch.arange(n, device=slot.device).expand_as(slot)
+    first = torch.full((slot.shape[0], k + 1), n, dtype=torch.long, device=slot.device)
+    return first.scatter_reduce_(1, torch.where(slot >= 0, slot, k), positions, reduce="amin")[:, :k]
 
 
 def out_patches(model: VideoQA) -> int:
@@ -370,13 +383,12 @@ def evaluate(model: VideoQA, x, y, method: dict, retention: float, unpruned=None
     try:
         for i in range(0, clips, BATCH):
             part = {k: v[i : i + BATCH] for k, v in y.items()}
-            if method["mode"] == "after" or retention >= 1:
-                tokens = unpruned[i : i + BATCH]
-                head_input = (tokens, *frame_tokens(tokens.reshape(-1, patches, tokens.shape[-1]), frames)[1:])
-                if retention < 1:
-                    head_input = after_encoder(tokens, method, frames, keep)
+            if retention >= 1:
+                head_input = frame_tokens(unpruned[i : i + BATCH].reshape(-1, patches, unpruned.shape[-1]), frames)
+            elif method["mode"] == "after":
+                head_input = after_encoder(unpruned[i : i + BATCH], method, frames, keep)
             else:
-                head_input = clip_tokens(model, x[i * frames : (i + BATCH) * frames], method, retention)
+                head_input = pruned_tokens(model, x[i * frames : (i + BATCH) * frames], method["mode"])
             counts.add(head_input[0].shape[1])
             right.append(answered(model.head(*head_input), part))
     finally:
