@@ -20,6 +20,8 @@ in python_tests/test_mllm.py), so the benchmark needs no processor.
 
     python bench/bench_mllm.py                 # every model, keep 1 / 0.5 / 0.25 and peers at 0.25 (long)
     python bench/bench_mllm.py --quick         # seconds: tiny models, for the tests
+    python bench/bench_mllm.py --models onevision-0.5b,qwen2.5-vl-video --frames 16 --budgets frame,clip \
+        --ratios 0.25,0.125,0.0625 --peers-at -1   # video: per-frame vs one budget per clip
 """
 
 import argparse
@@ -145,10 +147,14 @@ def qwen_tower_flops(vision, inputs: dict, steps: list[tuple[int, int]]) -> floa
     return t * (flops + tokens / 4 * 2 * (16 * d * d + 4 * d * vision.out_hidden_size))
 
 
-def settings(model, name: str, ratios, peers_at: float | None, peers=IN_ENCODER_PEERS, after=AFTER_ENCODER_PEERS):
-    """(label, method, where, keep_ratio, patch kwargs or None for unpatched)."""
+def settings(model, name: str, ratios, peers_at: float | None, peers=IN_ENCODER_PEERS, after=AFTER_ENCODER_PEERS,
+             budgets=("frame",)):
+    """(label, method, where, keep_ratio, patch kwargs or None for unpatched). `budgets`: EvoPrune's on videos
+    (images are one frame: the frame budget only)."""
     out = [("unpatched", "unpatched", "-", 1.0, None)]
-    out += [(f"evoprune {r:g}", "evoprune", "in encoder", r, dict(keep_ratio=r)) for r in ratios if r < 1]
+    budgets = budgets if MODELS[name][1] == "video" else ("frame",)
+    out += [(f"evoprune {r:g}" + (f" {budget}" if len(budgets) > 1 else ""), "evoprune", "in encoder", r,
+             dict(keep_ratio=r, budget=budget)) for r in ratios if r < 1 for budget in budgets]
     if peers_at is None:
         return out
     if is_qwen(name):
@@ -166,15 +172,17 @@ def settings(model, name: str, ratios, peers_at: float | None, peers=IN_ENCODER_
                    dict(keep_ratio=peers_at, step=PEERS[p], layers=[last])) for p in after]
 
 
-def pruning_steps(model, inputs: dict) -> list[tuple[int, int]]:
-    """(layer, tokens per crop, or units per frame, after it) of the patched model's pruning steps."""
+def pruning_steps(model, inputs: dict) -> list[tuple[int, float]]:
+    """(layer, tokens per crop, or units per frame, after it) of the patched model's pruning steps; under the clip
+    budget, a video's count over its frames (the FLOPs are nearly linear in it)."""
     state = getattr(model, "evoprune_state", None)
     if state is None:
         return []
     if hasattr(state, "steps"):  # CLIP / SigLIP towers record the last pass's steps
-        return [(step.layer, step.sizes.shape[1]) for step in state.steps]
-    _, h, w = next(v for k, v in inputs.items() if k.endswith("grid_thw"))[0].tolist()
-    return [(layer, keeps[0]) for layer, keeps in state.keeps([(h // 2) * (w // 2)]).items()]
+        return [(step.layer, step.sizes.shape[1] / (state.frames or 1)) for step in state.steps]
+    grid = next(v for k, v in inputs.items() if k.endswith("grid_thw"))[0].tolist()
+    pools = len(state.pools([grid]))
+    return [(layer, sum(keeps) / (grid[0] if pools == 1 else pools)) for layer, keeps in state.keeps([grid]).items()]
 
 
 def timed(fn) -> float:
@@ -184,13 +192,13 @@ def timed(fn) -> float:
 
 
 def bench_model(name: str, *, ratios, peers_at, peers, after, frames: int, new_tokens: int, repeats: int, quick: bool,
-                log=print):
+                budgets=("frame",), log=print):
     import evoprune_ext
 
     model = build(name, quick)
     inputs = visual_inputs(model, name, frames)
     prepared = []
-    for label, method, where, ratio, kwargs in settings(model, name, ratios, peers_at, peers, after):
+    for label, method, where, ratio, kwargs in settings(model, name, ratios, peers_at, peers, after, budgets):
         evoprune_ext.unpatch(model)
         if kwargs is not None:
             evoprune_ext.patch(model, **kwargs)
@@ -256,6 +264,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--peers", default=",".join(IN_ENCODER_PEERS), help="peers run in the encoder")
     parser.add_argument("--after", default=",".join(AFTER_ENCODER_PEERS), help="peers run after the encoder")
     parser.add_argument("--frames", type=int, default=8, help="frames of the videos")
+    parser.add_argument("--budgets", default="frame", help="EvoPrune's budgets on videos: frame, clip or both")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
@@ -276,7 +285,8 @@ def main(argv=None) -> list[dict]:
     for name in args.models.split(","):
         rows += bench_model(name, ratios=ratios, peers_at=peers_at, peers=[p for p in args.peers.split(",") if p],
                             after=[p for p in args.after.split(",") if p], frames=args.frames,
-                            new_tokens=args.new_tokens, repeats=args.repeats, quick=args.quick)
+                            new_tokens=args.new_tokens, repeats=args.repeats, quick=args.quick,
+                            budgets=tuple(args.budgets.split(",")))
     table = markdown(rows, args.new_tokens)
     print()
     print(table)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from evoprune_ext.pruning import Step, resolve_alpha
-from evoprune_ext.schedule import check_keep_ratio, resolve_layers
+from evoprune_ext.schedule import check_budget, check_keep_ratio, resolve_layers
 from evoprune_ext.swap import is_swapped, restore, swap
 
 __all__ = ["patch", "unpatch"]
@@ -34,6 +34,7 @@ def patch(
     proportional_attention: bool = True,
     metric: str = "keys",
     step: Step | None = None,
+    budget: str = "frame",
 ) -> nn.Module:
     """Make the vision tower in `model` prune its tokens with EvoPrune, in place; returns `model`.
 
@@ -50,6 +51,10 @@ def patch(
     metric: similarity of tokens: "keys" (the layer's keys averaged over heads) or "hidden" (the hidden states).
     step: replaces EvoPrune's selection and merge at each scheduled layer; see `pruning.evoprune_step`.
     (merge, proportional_attention, metric and step: ViT towers only; packed towers take the defaults.)
+    budget: how a video's frames share the tokens kept: "frame", each frame keeps its share of its own patches
+        (as an image does); "clip", the frames of a video are one pool that keeps `keep_ratio` of all its patches
+        wherever they are, so a static background is kept once and every dropped token merges into the kept
+        token most similar to it in any frame (docs/ALGORITHM.md, "Clip budget"). Images are not affected.
 
     Patching a patched model replaces the first patch. Supported: see `evoprune_ext.adapters.SUPPORTED`.
     """
@@ -60,13 +65,14 @@ def patch(
         expected = "no processor" if family is None else f"a {family.processor.__name__}"
         raise TypeError(f"processor: {type(model).__name__} takes {expected}, got {type(processor).__name__}")
     check_keep_ratio(keep_ratio)
+    check_budget(budget)
     resolve_alpha(alpha)
     tower, kind = adapters.find_tower(model)
     layers = resolve_layers(layers, kind.depth(tower))
     if family is not None and family.check_layers is not None:
         family.check_layers(inner.config, layers, kind.depth(tower))
     state = kind.patch(tower, keep_ratio=keep_ratio, layers=layers, alpha=alpha, merge=merge,
-                       proportional_attention=proportional_attention, metric=metric, step=step)
+                       proportional_attention=proportional_attention, metric=metric, step=step, budget=budget)
     state.processor = processor
     # At keep_ratio 1 nothing is pruned: the family's model and processor keep their own layout and counts.
     if family is not None and keep_ratio < 1:

@@ -8,15 +8,18 @@ placeholders as the tower will keep.
 from collections.abc import Sequence
 
 __all__ = [
+    "BUDGETS",
     "DEFAULT_EVERY",
     "DEFAULT_FIRST_LAYER",
     "DEFAULT_MAX_STEPS",
     "MERGE",
     "UNIT",
+    "check_budget",
     "check_keep_ratio",
     "default_layers",
     "frame_keeps",
     "frame_units",
+    "item_units",
     "kept_tokens",
     "resolve_layers",
     "schedule_keeps",
@@ -55,6 +58,18 @@ def resolve_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
     return layers
 
 
+# How a video's frames share the token budget: "frame", every frame keeps round(patches * keep_ratio) of its own
+# (the frames are pruned independently, like images); "clip", the frames of a video form one pool that keeps
+# round(frames * patches * keep_ratio) tokens wherever they are (docs/ALGORITHM.md, "Clip budget").
+BUDGETS = ("frame", "clip")
+
+
+def check_budget(budget: str) -> str:
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    return budget
+
+
 def check_keep_ratio(keep_ratio: float) -> float:
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
@@ -80,10 +95,19 @@ def frame_units(grid: list[list[int]]) -> list[int]:
     return [(h // MERGE) * (w // MERGE) for t, h, w in grid for _ in range(t)]
 
 
+def item_units(frames: int, units: int, keep_ratio: float, budget: str) -> int:
+    """Units a packed tower keeps of an image or video of `frames` frames of `units` merge units each: every frame
+    its share under the frame budget, the frames together under the clip budget (an image is one frame)."""
+    if budget == "clip":
+        return kept_tokens(frames * units, keep_ratio)
+    return frames * kept_tokens(units, keep_ratio)
+
+
 def frame_keeps(frames: list[int], keep_ratio: float, layers: list[int]) -> dict[int, list[int]]:
     """{layer: units each frame keeps after that layer's step}, for frames of `frames` units each; the last step
-    lands on round(units * keep_ratio)."""
+    lands on round(units * keep_ratio). A frame may be a pool: the frames of a video under the clip budget."""
     if any(round(n * keep_ratio) < 1 for n in frames):
         raise ValueError(f"keep_ratio={keep_ratio} keeps no unit of a frame of {min(frames)} units")
     per_frame = [schedule_keeps(n, 0, keep_ratio, len(layers)) for n in frames]
     return {layer: list(step) for layer, step in zip(layers, zip(*per_frame))}
+

@@ -163,6 +163,29 @@ def test_onevision_packs_pruned_crops_by_rows_of_the_grid(keep_ratio):
     assert videos.shape[:2] == (2, pooled - 3 * 16 + 3 * k)  # each frame's 16 pooled tokens become k kept ones
 
 
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.1])
+def test_onevision_clip_budget_keeps_one_count_per_video(keep_ratio):
+    model, _ = random_models.llava_onevision()
+    frames = torch.randn(2, 3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    frames[1] = frames[1, :1]  # a static video: its three frames are the same
+    evoprune_ext.patch(model, keep_ratio=keep_ratio, budget="clip", layers=[1])  # one step: no twin differs
+    with torch.inference_mode():
+        videos = model.model.get_video_features(frames).pooler_output
+    kept = round(3 * TOKENS_PER_CROP * keep_ratio)
+    assert videos.shape[:2] == (2, kept + 1)
+    assert torch.equal(videos[:, -1], model.model.image_newline.expand(2, -1))
+    state = model.model.vision_tower.evoprune_state
+    frame = state.index // TOKENS_PER_CROP
+    assert state.index.shape == (2, kept) and (state.index.diff() > 0).all()
+    # The static video spends nothing on the repeats: it keeps first-frame tokens only (ties go to the smallest
+    # index), and each of them absorbs its copies in the other frames.
+    assert (frame[1] == 0).all() and state.sizes[1].sum() == 3 * TOKENS_PER_CROP and (state.sizes[1] >= 3).all()
+    assert frame[0].unique().tolist() == [0, 1, 2]  # the random video keeps tokens of every frame
+    with torch.inference_mode():  # outside `clips` (images) the tower prunes every input on its own
+        alone = model.model.vision_tower(frames[0]).last_hidden_state
+    assert alone.shape[:2] == (3, round(TOKENS_PER_CROP * keep_ratio))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # LLaVA-OneVision end to end (images with anyres, several images per prompt, video)
 
@@ -192,22 +215,24 @@ def test_onevision_keep_ratio_one_generates_the_unpatched_tokens(kind, dtype):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("kind", list(ONEVISION_INPUTS))
+@pytest.mark.parametrize("kind,budget", [(kind, "frame") for kind in ONEVISION_INPUTS]
+                         + [("video", "clip"), ("two videos", "clip"), ("anyres images", "clip")])
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
-def test_onevision_placeholders_match_the_pruned_features(kind, keep_ratio):
+def test_onevision_placeholders_match_the_pruned_features(kind, budget, keep_ratio):
     needs_onevision_processor()
     model, processor = random_models.llava_onevision()
     full, _ = generate(model, processor, **ONEVISION_INPUTS[kind])
-    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
+    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor, budget=budget)
     batch, out = generate(model, processor, **ONEVISION_INPUTS[kind])  # fails if counts and features differ
     if "video" not in kind:  # unpatched frames are pooled 49 -> 16 tokens: fewer than round(49 * 0.5)
         assert batch["input_ids"].shape[1] < full["input_ids"].shape[1]
     k = round(TOKENS_PER_CROP * keep_ratio)
     if "video" in kind:
         frames = [len(v) for v in ONEVISION_INPUTS[kind]["videos"]]
-        assert placeholders(batch, processor, "video") == [f * k + 1 for f in frames]
+        expected = [(round(f * TOKENS_PER_CROP * keep_ratio) if budget == "clip" else f * k) + 1 for f in frames]
+        assert placeholders(batch, processor, "video") == expected
         counted = processor._get_num_multimodal_tokens(video_sizes=[[f, 56, 56] for f in frames])
-        assert counted.num_video_tokens == [f * k + 1 for f in frames]
+        assert counted.num_video_tokens == expected
     elif kind == "anyres images":
         assert placeholders(batch, processor) == [k * 5 + 2, k * 3 + 1]
         counted = processor._get_num_multimodal_tokens(image_sizes=[[80, 60], [50, 130]])

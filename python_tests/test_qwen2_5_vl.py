@@ -63,6 +63,34 @@ def test_every_frame_keeps_its_static_count(attn, dtype, keep_ratio):
     assert [int(((video >= 10 * f) & (video < 10 * f + 10)).sum()) for f in range(3)] == frame_keeps[2:]
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5, 0.25, 0.1])
+def test_clip_budget_keeps_one_count_per_video(attn, keep_ratio):
+    tower, pixels = make_tower(attn)
+    with torch.no_grad():
+        want = tower(pixels, grid_thw=GRID).pooler_output
+        patch(tower, keep_ratio=keep_ratio, budget="clip")
+        out = tower(pixels, grid_thw=GRID)
+    kept = tower.evoprune_state.kept
+    assert [len(k) for k in kept] == [round(n * keep_ratio) for n in UNITS]  # the video's 3 frames: one pool
+    assert out.pooler_output.shape == (sum(len(k) for k in kept), 24) and out.pooler_output.isfinite().all()
+    if keep_ratio == 1:
+        assert torch.equal(out.pooler_output, want)
+
+
+def test_clip_budget_spends_nothing_on_a_static_videos_repeats():
+    """Frames that repeat the first are exact ties (Qwen2.5-VL has no absolute positions): the clip keeps units of
+    the first frame only, and the frames left empty drop out of the later blocks' attention segments."""
+    grid = torch.tensor([[3, 4, 10]])
+    tower, _ = make_tower()
+    frame = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        patch(tower, keep_ratio=0.25, layers=[1], budget="clip")  # one step: 8 of 30 units, all in frame 0
+        out = tower(frame.repeat(3, 1), grid_thw=grid).pooler_output
+    (kept,) = tower.evoprune_state.kept
+    assert len(kept) == 8 and (kept < 10).all() and out.isfinite().all()
+
+
 def test_pruned_rows_follow_the_kept_units():
     # Blocks that add nothing, and every frame made of twin units (unit j equals unit j + n/2): keeping half with
     # pure diversity (alpha 0) keeps one unit of each pair and merges its twin into it, which changes no value.
@@ -89,7 +117,7 @@ def test_pruned_rows_follow_the_kept_units():
 
 def test_units_bookkeeping_drops_empty_windows():
     cos = torch.arange(32.0).view(16, 2)  # rotary rows of 4 units of 4 tokens
-    units = WindowUnits(ids=torch.tensor([5, 2, 0, 1]), window=torch.tensor([0, 0, 1, 2]), frames=[4],
+    units = WindowUnits(ids=torch.tensor([5, 2, 0, 1]), window=torch.tensor([0, 0, 1, 2]), frames=[4], pools=[4],
                    sizes=torch.ones(4), position_embeddings=(cos, -cos))
     kept = units.select(torch.tensor([1, 3]), torch.tensor([3.0, 1.0]), [2])
     assert kept.ids.tolist() == [2, 1] and kept.window.tolist() == [0, 2]

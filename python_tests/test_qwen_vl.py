@@ -84,14 +84,20 @@ def test_keep_ratio_one_generates_the_unpatched_tokens(build, kind, attention, d
     assert torch.equal(got, expected)
 
 
-@family
+# Qwen3-VL takes the frame budget only (test_qwen3_refuses_the_clip_budget).
+BUDGETS = [(build, budget) for build in FAMILIES.values() for budget in ("frame", "clip")
+           if (build, budget) != (random_models.qwen3_vl, "clip")]
+
+
+@pytest.mark.parametrize("build,budget", BUDGETS,
+                         ids=[f"{build.__name__}-{budget}" for build, budget in BUDGETS])
 @pytest.mark.parametrize("kind", list(REQUESTS))
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
-def test_placeholders_positions_and_kept_units(build, kind, keep_ratio):
+def test_placeholders_positions_and_kept_units(build, budget, kind, keep_ratio):
     model, processor = model_and_processor(build)
     full_positions, pruned_positions = [], []
     full, _ = generate(model, processor, REQUESTS[kind], full_positions)
-    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor)
+    evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor, budget=budget)
     batch, out = generate(model, processor, REQUESTS[kind], pruned_positions)
     assert out.shape[1] == batch["input_ids"].shape[1] + NEW_TOKENS
     assert batch["input_ids"].shape[1] < full["input_ids"].shape[1]
@@ -101,7 +107,8 @@ def test_placeholders_positions_and_kept_units(build, kind, keep_ratio):
     assert len(kept) == len(grids)
     for ids, grid in zip(kept, grids):
         frames, per_frame = units(grid.tolist())
-        assert len(ids) == frames * round(per_frame * keep_ratio)
+        assert len(ids) == (round(frames * per_frame * keep_ratio) if budget == "clip"
+                            else frames * round(per_frame * keep_ratio))
         assert (ids[1:] > ids[:-1]).all() and 0 <= ids.min() and ids.max() < frames * per_frame
 
     # Placeholders: exactly the kept counts, as the count helper says from the sizes alone.
@@ -224,3 +231,11 @@ def test_without_processor_hand_made_prompt(build):
     expected = torch.cat([full_visual[:, kept[0]], full_visual[:, 24 + kept[1]]], dim=1)
     assert torch.equal(positions[0][-3:, 0][:, visual], expected)
     assert torch.equal(positions[0][-3:, 0][:, -2:], full[:, 0, -2:])  # the text after continues as unpruned
+
+
+def test_qwen3_refuses_the_clip_budget():
+    model, _ = random_models.qwen3_vl()
+    with pytest.raises(ValueError, match="budget='clip' is not supported for Qwen3-VL: its prompt writes every video"):
+        evoprune_ext.patch(model, keep_ratio=0.5, budget="clip")
+    with pytest.raises(ValueError, match=r"budget must be one of \('frame', 'clip'\), got 'video'"):
+        evoprune_ext.patch(model, keep_ratio=0.5, budget="video")

@@ -2,7 +2,8 @@
 frame of a video leaves the tower with `k = round(patches * keep_ratio)` tokens, which the model packs and the
 processor counts as follows (docs/ALGORITHM.md, "LLaVA-OneVision"):
 
-- video: EvoPrune replaces the fixed 2x2 bilinear pooling: `frames * k` tokens, then the video's newline;
+- video: EvoPrune replaces the fixed 2x2 bilinear pooling: `frames * k` tokens, then the video's newline; under
+  the clip budget the frames are one pool: `round(frames * patches * keep_ratio)` tokens, then the newline;
 - one image (anyres): the base crop's `k` tokens, then each row of grid crops (the crops of the row one after the
   other, each in its own raster order) followed by one newline. The grid is neither unpadded nor downsampled: the
   count depends only on the image size, and EvoPrune merges the uniform padding into very few tokens anyway;
@@ -44,6 +45,28 @@ class PrunedOnevisionModel:
     def apply_pooling(self, image_features):
         return image_features
 
+    def get_video_features(self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        state = self._evoprune
+        if state.budget != "clip":
+            return super().get_video_features(pixel_values_videos, vision_feature_layer=vision_feature_layer,
+                                              vision_feature_select_strategy=vision_feature_select_strategy, **kwargs)
+        # The tower returns one row of kept tokens per video, which the unpruned method would cut into frames.
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        if strategy != "full":
+            raise ValueError(f"budget='clip' needs vision_feature_select_strategy='full' (SigLIP has no CLS to "
+                             f"drop), got {strategy!r}")
+        videos, frames = pixel_values_videos.shape[:2]
+        with state.clips(frames):
+            outputs = self.vision_tower(pixel_values_videos.flatten(0, 1),
+                                        **{**kwargs, "output_hidden_states": True, "return_dict": True})
+        layers = [layer] if isinstance(layer, int) else layer
+        features = self.multi_modal_projector(torch.cat([outputs.hidden_states[i] for i in layers], dim=-1))
+        newline = self.image_newline[None, None, :].expand(videos, 1, -1).to(features)
+        outputs.pooler_output = torch.cat((features, newline), dim=1)
+        return outputs
+
 
 class PrunedOnevisionProcessor:
     """Mixed into LlavaOnevisionProcessor: counts the placeholders of `PrunedOnevisionModel`'s packing."""
@@ -74,7 +97,10 @@ class PrunedOnevisionProcessor:
         return kept_tokens(self.num_image_tokens, self._evoprune.keep_ratio)
 
     def _evoprune_video_tokens(self, frames: int) -> int:
-        return frames * self._evoprune_tokens_per_crop() + 1  # + the video's newline
+        state = self._evoprune
+        if state.budget == "clip":
+            return kept_tokens(frames * self.num_image_tokens, state.keep_ratio) + 1  # + the video's newline
+        return frames * self._evoprune_tokens_per_crop() + 1
 
 
 FAMILY = Family(

@@ -41,7 +41,7 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     state = self._evoprune
     grid = grid_thw.tolist()
     frames = frame_units(grid)
-    keeps = state.keeps(frames)
+    keeps = state.keeps(grid)
 
     position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size, kwargs=kwargs)
     cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, self.config, kwargs=kwargs)
@@ -63,6 +63,7 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     units = WindowUnits(
         ids=window_index.to(device),
         frames=frames,
+        pools=state.pools(grid),
         sizes=hidden_states.new_ones(len(window_index), dtype=torch.float32),
         position_embeddings=position_embeddings,
         window=torch.repeat_interleave(torch.arange(len(window_units), device=device), window_units),

@@ -38,7 +38,7 @@ from transformers.vision_utils import (
 )
 
 from evoprune_ext.schedule import frame_units
-from evoprune_ext.towers.packed import PackedTower, Units, attention_then_prune, kept_units
+from evoprune_ext.towers.packed import PER_FRAME_PROMPT, PackedTower, Units, attention_then_prune, kept_units
 
 __all__ = ["TOWER", "PrunedQwen3VisionTower"]
 
@@ -50,7 +50,7 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     state = self._evoprune
     grid = grid_thw.tolist()
     frames = frame_units(grid)
-    keeps = state.keeps(frames)
+    keeps = state.keeps(grid)
 
     interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
         grid_thw, num_grid_per_side=self.num_grid_per_side, mode=self.interpolation_mode,
@@ -65,6 +65,7 @@ def _forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs) -> BaseMod
     units = Units(
         ids=torch.arange(sum(frames), device=hidden_states.device),
         frames=frames,
+        pools=state.pools(grid),
         sizes=hidden_states.new_ones(sum(frames), dtype=torch.float32),
         position_embeddings=self.rotary_pos_emb(hidden_states, position_ids),
     )
@@ -99,4 +100,4 @@ class PrunedQwen3VisionTower:
     forward = _forward
 
 
-TOWER = PackedTower("Qwen3-VL", Qwen3VLVisionModel, PrunedQwen3VisionTower)
+TOWER = PackedTower("Qwen3-VL", Qwen3VLVisionModel, PrunedQwen3VisionTower, clip_refusal=PER_FRAME_PROMPT)

@@ -1,8 +1,10 @@
 """The language side of a pruned Qwen-VL tower (Qwen2.5-VL, Qwen3-VL): placeholder counts and M-RoPE positions.
 
-The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwen2_5_vl.py`, `qwen3_vl.py`), so:
+The tower keeps `round(units * keep_ratio)` 2x2 merge units of every frame (`qwen2_5_vl.py`, `qwen3_vl.py`), or
+under the clip budget (Qwen2.5-VL) `round(t * units * keep_ratio)` of a video's t frames together, so:
 - the processor emits `round(h/2 * w/2 * keep_ratio)` placeholders per frame of an image or video of grid
-  (t, h, w), from the grid alone (static), and its count helper `_get_num_multimodal_tokens` agrees;
+  (t, h, w), or `round(t * h/2 * w/2 * keep_ratio)` per video under the clip budget, from the grid alone
+  (static), and its count helper `_get_num_multimodal_tokens` agrees (`schedule.item_units`);
 - the model splits the tower's output by the kept counts, and gives each kept unit the M-RoPE position
   (t, h, w) it had in the full grid: transformers computes the full grid's positions as it always does, and the
   positions of the units the tower dropped are left out. Text after a visual block continues where the model's
@@ -26,7 +28,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl, processing_qwen2
 from transformers.models.qwen3_vl import modeling_qwen3_vl, processing_qwen3_vl
 
 from evoprune_ext.adapters.family import Family
-from evoprune_ext.schedule import kept_tokens
+from evoprune_ext.schedule import item_units, kept_tokens
 
 
 class PrunedQwenProcessor:
@@ -49,8 +51,9 @@ class PrunedQwenProcessor:
         if video_sizes is not None:
             temporal = self.video_processor.temporal_patch_size
             frames = [math.ceil(size[0] / temporal) for size in video_sizes]
-            keep_ratio = self._evoprune.keep_ratio
-            data.num_video_tokens = [t * kept_tokens(n // t, keep_ratio) for n, t in zip(data.num_video_tokens, frames)]
+            state = self._evoprune
+            data.num_video_tokens = [item_units(t, n // t, state.keep_ratio, state.budget)
+                                     for n, t in zip(data.num_video_tokens, frames)]
         return data
 
     def _evoprune_shrink(self, text: str, token: str, grid: list[int], merge: int) -> str:
@@ -59,9 +62,12 @@ class PrunedQwenProcessor:
         vision start / end tokens stay as they are)."""
         _, h, w = grid
         units = (h // merge) * (w // merge)
-        kept = kept_tokens(units, self._evoprune.keep_ratio)
+        state = self._evoprune
         run = re.compile(f"(?:{re.escape(token)})+")
-        return run.sub(lambda found: token * (len(found[0]) // len(token) // units * kept), text)
+        return run.sub(
+            lambda found: token * item_units(len(found[0]) // len(token) // units, units, state.keep_ratio, state.budget),
+            text,
+        )
 
 
 VISUAL_TYPES = {1: "image", 2: "video"}  # mm_token_type_ids values

@@ -7,8 +7,10 @@ fuses each 2x2 unit of 4 consecutive tokens into one feature. So pruning here
 - keeps whole units: a unit is one row of its 4 tokens' features, `[units, UNIT * D]`, and a dropped unit merges
   element-wise into the kept unit most similar to it (`pruning.prune_units`, one sequence per frame);
 - keeps `round(units * keep_ratio)` units of every frame, a static count reached step by step
-  (`schedule.frame_keeps`); unit sizes carry from step to step (hierarchical merging), attention is not made
-  size-aware;
+  (`schedule.frame_keeps`); under the clip budget the frames of a video are one pool that keeps
+  `round(frames * units * keep_ratio)` wherever they are, and attention still runs per frame over the units each
+  frame has left (a frame may keep none); unit sizes carry from step to step (hierarchical merging), attention is
+  not made size-aware;
 - measures a unit by its 4 tokens: metric, the mean of their keys averaged over heads, taken before the rotary
   embedding so that it compares content, not position (each kept unit keeps its own position anyway);
   importance, the attention its 4 tokens receive within their frame (`importance_from_qk_packed` on the rotated
@@ -26,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from evoprune_ext.pruning import prune_units, resolve_alpha
-from evoprune_ext.schedule import MERGE, UNIT, check_keep_ratio, frame_keeps, resolve_layers
+from evoprune_ext.schedule import MERGE, UNIT, check_budget, check_keep_ratio, frame_keeps, frame_units, resolve_layers
 from evoprune_ext.swap import swap
 
-__all__ = ["PackedState", "PackedTower", "Units", "WindowUnits", "attention_then_prune", "kept_units",
-           "prune_after_attention"]
+__all__ = ["PER_FRAME_PROMPT", "PackedState", "PackedTower", "Units", "WindowUnits", "attention_then_prune",
+           "kept_units", "prune_after_attention"]
 
 
 @dataclass
@@ -41,12 +43,20 @@ class PackedState:
     keep_ratio: float
     layers: list[int]
     alpha: float
+    budget: str = "frame"
     kept: list[Tensor] = field(default_factory=list)
     processor: object | None = None  # the processor `evoprune_ext.patch` recounted, restored by `unpatch`
 
-    def keeps(self, frames: list[int]) -> dict[int, list[int]]:
-        """{layer: units each frame keeps after that layer's step}; the last step lands on round(units * keep_ratio)."""
-        return frame_keeps(frames, self.keep_ratio, self.layers)
+    def pools(self, grid: list[list[int]]) -> list[int]:
+        """Units of each pruning pool of the (t, h, w) grids `grid`: every frame, or under the clip budget every
+        grid_thw row (a video's frames together; an image)."""
+        if self.budget == "clip":
+            return [t * (h // MERGE) * (w // MERGE) for t, h, w in grid]
+        return frame_units(grid)
+
+    def keeps(self, grid: list[list[int]]) -> dict[int, list[int]]:
+        """{layer: units each pool keeps after that layer's step}; the last step lands on round(units * keep_ratio)."""
+        return frame_keeps(self.pools(grid), self.keep_ratio, self.layers)
 
 
 @dataclass
@@ -54,22 +64,27 @@ class Units:
     """The units left, in the tower's token order, and what its attention needs to know about them."""
 
     ids: Tensor  # [U] global raster id of each unit
-    frames: list[int]  # units per frame, frames in order
+    frames: list[int]  # units per frame, frames in order (each frame's units are consecutive)
+    pools: list[int]  # units per pruning pool, pools in order: frames, or a video's frames (PackedState.pools)
     sizes: Tensor  # [U] float32: how many original units each unit stands for
     position_embeddings: tuple[Tensor, Tensor]  # rotary cos, sin [UNIT * U, head_dim]
 
     def cu_seqlens(self) -> Tensor:
-        """Full-attention segments: one per frame, in tokens."""
+        """Full-attention segments: one per frame that has units left, in tokens."""
         counts = torch.tensor(self.frames, dtype=torch.int32, device=self.ids.device) * UNIT
-        return nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        return nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)).unique_consecutive()
 
-    def select(self, index: Tensor, sizes: Tensor, frames: list[int]) -> "Units":
-        """The units at positions `index` (ascending within each frame), with their new sizes."""
+    def select(self, index: Tensor, sizes: Tensor, pools: list[int]) -> "Units":
+        """The units at positions `index` (ascending within each pool), with their new sizes; `pools`: how many
+        each pool kept."""
         tokens = (index[:, None] * UNIT + torch.arange(UNIT, device=index.device)).flatten()
         cos, sin = self.position_embeddings
-        return replace(
-            self, ids=self.ids[index], frames=frames, sizes=sizes, position_embeddings=(cos[tokens], sin[tokens])
-        )
+        frames = pools
+        if self.pools != self.frames:  # pools span frames: count what each frame kept
+            frame = torch.repeat_interleave(torch.tensor(self.frames, device=index.device))
+            frames = torch.bincount(frame[index], minlength=len(self.frames)).tolist()
+        return replace(self, ids=self.ids[index], frames=frames, pools=pools, sizes=sizes,
+                       position_embeddings=(cos[tokens], sin[tokens]))
 
 
 @dataclass
@@ -83,8 +98,8 @@ class WindowUnits(Units):
         counts = torch.bincount(self.window) * UNIT
         return nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)).unique_consecutive()
 
-    def select(self, index: Tensor, sizes: Tensor, frames: list[int]) -> "WindowUnits":
-        return replace(super().select(index, sizes, frames), window=self.window[index])
+    def select(self, index: Tensor, sizes: Tensor, pools: list[int]) -> "WindowUnits":
+        return replace(super().select(index, sizes, pools), window=self.window[index])
 
 
 def attention_then_prune(
@@ -98,7 +113,7 @@ def attention_then_prune(
     **attention_kwargs,
 ) -> tuple[Tensor, Units, list[Tensor]]:
     """One tower block (norm1, attn with qkv, norm2, mlp) with a pruning step between its attention and its MLP,
-    each frame keeping `keep[frame]` units. `apply_rotary(q, k, cos, sin)` is the family's rotary embedding.
+    each pool keeping `keep[pool]` units. `apply_rotary(q, k, cos, sin)` is the family's rotary embedding.
     `carried`: earlier hidden states of the same units (Qwen3-VL's deepstack inputs), which undergo the same
     selection and merge. Returns (hidden, the units left, carried)."""
     captured = []
@@ -146,7 +161,7 @@ def prune_after_attention(
         both = all_heads(torch.cat([metric, importance[:, None]], dim=1))
         metric, importance = both[:, :-1], both[:, -1]
     out, index, sizes, carried = prune_units(
-        hidden.reshape(-1, UNIT * dim), importance, metric.to(hidden.dtype), units.sizes, units.frames, keep,
+        hidden.reshape(-1, UNIT * dim), importance, metric.to(hidden.dtype), units.sizes, units.pools, keep,
         alpha, [rows.reshape(-1, UNIT * dim) for rows in carried],
     )
     carried = [rows.view(-1, dim) for rows in carried]
@@ -166,6 +181,11 @@ def kept_units(units: Units, grid: list[list[int]]) -> list[Tensor]:
 PACKED_OPTIONS = dict(merge=True, proportional_attention=True, metric="keys", step=None)
 
 
+# Why Qwen3-VL refuses budget="clip" (its PackedTowers, in transformers and vLLM).
+PER_FRAME_PROMPT = ("its prompt writes every video frame as a block of its own after a timestamp, so the count of "
+                    "each frame is fixed before the tower runs; use budget='frame'")
+
+
 @dataclass(frozen=True)
 class PackedTower:
     """A packed tower class and the mixin whose `forward` prunes it (written with the pieces above)."""
@@ -173,6 +193,7 @@ class PackedTower:
     family: str
     tower: type
     mixin: type
+    clip_refusal: str | None = None  # why the family refuses budget="clip"; None if it takes it
 
     def recognizes(self, module: nn.Module) -> bool:
         return isinstance(module, self.tower)
@@ -181,7 +202,7 @@ class PackedTower:
         return len(visual.blocks)
 
     def patch(self, visual: nn.Module, *, keep_ratio: float, layers: list[int] | None, alpha: float | None,
-              **options) -> PackedState:
+              budget: str = "frame", **options) -> PackedState:
         """Make `visual` prune after the attention of `layers`, each frame keeping `round(units * keep_ratio)` of
         its 2x2 merge units; its state (also `visual.evoprune_state`). `options` (`evoprune_ext.patch`'s ViT
         options) are accepted only at what this plumbing does (`PACKED_OPTIONS`)."""
@@ -192,8 +213,10 @@ class PackedTower:
             raise TypeError(f"visual must be a {self.tower.__name__}, got {type(visual).__name__}")
         if visual.spatial_merge_size != MERGE:
             raise ValueError(f"the tower must merge 2x2 patches, got spatial_merge_size={visual.spatial_merge_size}")
+        if check_budget(budget) == "clip" and self.clip_refusal is not None:
+            raise ValueError(f"budget='clip' is not supported for {self.family}: {self.clip_refusal}")
         state = PackedState(check_keep_ratio(keep_ratio), resolve_layers(layers, self.depth(visual)),
-                            resolve_alpha(alpha))
+                            resolve_alpha(alpha), budget)
         swap(visual, self.mixin, state)
         visual.evoprune_state = state
         return state

@@ -17,7 +17,8 @@ One forward pass at a time per patched model: the state records the last pass. T
 checkpointing is not supported (the recomputation would prune twice).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from evoprune_ext.pruning import Step, evoprune_step, resolve_alpha
-from evoprune_ext.schedule import check_keep_ratio, resolve_layers, schedule_keeps
+from evoprune_ext.schedule import check_budget, check_keep_ratio, resolve_layers, schedule_keeps
 from evoprune_ext.swap import swap
 
 __all__ = ["METRICS", "EvoPruneState", "PruneStep", "ViTTower"]
@@ -56,12 +57,20 @@ class EvoPruneState:
     kept token, None if a custom step gave no index) and `sizes` [B,K] (patches per output token). With CLIP the
     input tokens are the CLS then the patches in raster order, so `slot[:, 1:].view(B, rows, cols)` is the map
     from image patches to output tokens; SigLIP has no CLS. With `merge=False` a dropped token's slot still names
-    the kept token most similar to it, which did not absorb it."""
+    the kept token most similar to it, which did not absorb it.
+
+    Video under `budget="clip"`: inside `with state.clips(frames=F):` the inputs are videos of F consecutive
+    frames, and the first pruning step pools the frames of each video into one sequence of F * N tokens (frame
+    after frame), of which the video keeps `kept_tokens(F * N, keep_ratio)` wherever they are. The tower then
+    outputs [videos, K, D]; `slot` [videos, F * N] and `index` [videos, K] refer to positions in that pool, so
+    `index // N` is the frame of each output token and `index % N` its patch. Attention stays within a frame."""
 
     def __init__(
-        self, *, keep_ratio, layers, alpha, merge, proportional_attention, metric, step, adapter, processor=None
+        self, *, keep_ratio, layers, alpha, merge, proportional_attention, metric, step, adapter, budget="frame",
+        processor=None,
     ):
         self.keep_ratio = keep_ratio
+        self.budget = budget
         self.layers = layers
         self.alpha = alpha
         self.merge = merge
@@ -71,7 +80,20 @@ class EvoPruneState:
         self.adapter = adapter  # the tower's ViTTower
         self.protect = adapter.protect
         self.processor = processor  # the processor `patch` was given, restored by `unpatch`
+        self._clip_frames: int | None = None  # frames per video of the inputs, inside `clips`
         self._reset()
+
+    @contextmanager
+    def clips(self, frames: int) -> Iterator["EvoPruneState"]:
+        """Within this block the tower's inputs are videos of `frames` consecutive frames each; under the clip
+        budget each video's frames share one budget. No effect under the frame budget."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        outer, self._clip_frames = self._clip_frames, frames
+        try:
+            yield self
+        finally:
+            self._clip_frames = outer
 
     def _reset(self):
         self.steps: list[PruneStep] = []
@@ -80,17 +102,27 @@ class EvoPruneState:
         self.index: Tensor | None = None
         self._keeps: dict[int, int] = {}  # layer -> tokens left after its step
         self._pending = None  # (importance, keys metric) from the attention of the layer about to prune
+        self.frames: int | None = None  # frames per video pooled by this pass (clip budget), else None
+        self._frame_tokens = 0  # tokens per frame at the encoder input
+        # After the first clip step: per video, the tokens of each of its frames (attention stays within them).
+        self.frame_lengths: list[list[int]] | None = None
 
     def begin(self, hidden: Tensor) -> None:
         """Start a forward pass on the encoder input `hidden` [B,N0,D]."""
         self._reset()
         batch, tokens = hidden.shape[:2]
+        frames = self._clip_frames if self.budget == "clip" else None
+        if frames is not None:
+            if batch % frames:
+                raise ValueError(f"the tower got {batch} frames, not a whole number of videos of {frames} frames")
+            batch, tokens = batch // frames, tokens * frames  # one pool per video
         if round((tokens - self.protect) * self.keep_ratio) < 1:
             raise ValueError(f"keep_ratio={self.keep_ratio} keeps no patch of {tokens - self.protect}")
         keeps = schedule_keeps(tokens, self.protect, self.keep_ratio, len(self.layers))
         # A step that would keep every token is skipped, so that keep_ratio=1 runs the unpatched model's exact
         # arithmetic (no log(1) bias, no identity merge) and reproduces its outputs bit for bit.
         self._keeps = {layer: keep for layer, keep in zip(self.layers, keeps) if keep < tokens}
+        self.frames, self._frame_tokens = frames, hidden.shape[1]
         self.slot = torch.arange(tokens, device=hidden.device).expand(batch, tokens)
         self.index = self.slot
 
@@ -112,6 +144,11 @@ class EvoPruneState:
         # stays float32; the ops want the metric in the tokens' dtype.
         metric = hidden if self.metric == "hidden" else keys.to(hidden.dtype)
         sizes = self.sizes if self.sizes is not None else hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
+        if self.frames is not None and self.frame_lengths is None:  # the first clip step: pool each video's frames
+            hidden, metric, importance, sizes = (
+                None if t is None else t.reshape(t.shape[0] // self.frames, -1, *t.shape[2:])
+                for t in (hidden, metric, importance, sizes)
+            )
         out, sizes, slot, *index = self.step(
             hidden, metric, importance, sizes, keep=keep, protect=self.protect, alpha=self.alpha, merge=self.merge
         )
@@ -125,6 +162,13 @@ class EvoPruneState:
         self.index = None if index is None or self.index is None else self.index.gather(1, index)
         self.sizes = sizes
         self.steps.append(PruneStep(layer, index, slot, sizes, self.index, self.slot))
+        if self.frames is not None:
+            if self.index is None:
+                raise RuntimeError("budget='clip' needs a pruning step that returns the kept index: without it the "
+                                   "frame of each kept token is unknown")
+            frame = self.index // self._frame_tokens  # ascending: each frame's tokens are contiguous
+            counts = torch.zeros(frame.shape[0], self.frames, dtype=torch.long, device=frame.device)
+            self.frame_lengths = counts.scatter_add_(1, frame, torch.ones_like(frame)).tolist()
         return out
 
 
@@ -170,22 +214,25 @@ class PrunedAttention:
         if bias is not None and implementation not in ("eager", "sdpa"):
             implementation = "sdpa"  # flash and flex kernels take no additive float mask
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, state.adapter.eager_attention)
-        attn_output, attn_weights = attention(
-            self,
-            queries,
-            keys,
-            values,
-            mask,
-            scaling=self.scale,
-            dropout=0.0 if not self.training else self.dropout,
-            **kwargs,
-        )
-        if state.prunes_at(self._evoprune_layer):
-            probabilities = attn_weights if implementation == "eager" else None
-            state._pending = (
-                self._importance(queries, keys, probabilities, bias),
-                keys.mean(dim=1) if state.metric == "keys" else None,
+        prunes = state.prunes_at(self._evoprune_layer)
+
+        def attend(queries, keys, values, mask, bias):
+            output, weights = attention(
+                self, queries, keys, values, mask, scaling=self.scale,
+                dropout=0.0 if not self.training else self.dropout, **kwargs,
             )
+            if not prunes:
+                return output, weights, None
+            probabilities = weights if implementation == "eager" else None
+            return output, weights, self._importance(queries, keys, probabilities, bias)
+
+        if state.frame_lengths is None:
+            attn_output, attn_weights, importance = attend(queries, keys, values, mask, bias)
+        else:
+            attn_output, importance = _attend_per_frame(attend, state.frame_lengths, queries, keys, values, bias)
+            attn_weights = None  # ragged: one matrix per frame
+        if prunes:
+            state._pending = (importance, keys.mean(dim=1) if state.metric == "keys" else None)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.out_proj(attn_output), attn_weights
 
@@ -203,6 +250,21 @@ class PrunedAttention:
             column = (bias / self.scale).transpose(-1, -2).expand(-1, keys.shape[1], -1, -1)
             keys = torch.cat([keys, column], dim=-1)
         return torch.ops.evoprune.importance_from_qk(queries, keys, self.scale)
+
+
+def _attend_per_frame(attend, frame_lengths, queries, keys, values, bias):
+    """Attention within each frame of pooled videos (clip budget): row v of queries, keys, values [V,H,K,d] and
+    bias [V,1,1,K] holds video v's frames one after the other, `frame_lengths[v]` tokens each. Returns the
+    attention output [V,K,H,d] and the importance [V,K] (None when `attend` gives none)."""
+    outputs, importances = [], []
+    for video, lengths in enumerate(frame_lengths):
+        pieces = [t[video : video + 1].split(lengths, dim=2) for t in (queries, keys, values)]
+        biases = [None] * len(lengths) if bias is None else bias[video : video + 1].split(lengths, dim=3)
+        frames = [attend(q, k, v, b, b) for q, k, v, b, n in zip(*pieces, biases, lengths) if n]
+        outputs.append(torch.cat([output for output, _, _ in frames], dim=1))
+        importances.append(None if frames[0][2] is None else torch.cat([imp for _, _, imp in frames], dim=1))
+    importance = None if importances[0] is None else torch.cat(importances)
+    return torch.cat(outputs), importance
 
 
 @dataclass(frozen=True)
@@ -236,11 +298,14 @@ class ViTTower:
         proportional_attention: bool,
         metric: str,
         step: Step | None,
+        budget: str = "frame",
     ) -> EvoPruneState:
         """Make `tower` prune after the attention of `layers` (the options of `evoprune_ext.patch`); its state
         (also `tower.evoprune_state`)."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if check_budget(budget) == "clip" and self.protect:
+            raise ValueError(f"budget='clip' needs a tower without protected tokens; {self.family} has {self.protect}")
         state = EvoPruneState(
             keep_ratio=check_keep_ratio(keep_ratio),
             layers=resolve_layers(layers, self.depth(tower)),
@@ -250,6 +315,7 @@ class ViTTower:
             metric=metric,
             step=evoprune_step if step is None else step,
             adapter=self,
+            budget=budget,
         )
         swap(tower.encoder, PrunedEncoder, state)
         for i, layer in enumerate(tower.encoder.layers):

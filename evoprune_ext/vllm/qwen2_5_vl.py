@@ -65,7 +65,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
         raise NotImplementedError("EvoPrune's tower runs eagerly (no encoder CUDA graphs)")
     state = self._evoprune
     grid = [[int(v) for v in row] for row in grid_thw]
-    keeps = state.keeps(frame_units(grid))
+    keeps = state.keeps(grid)
     metadata = self.prepare_encoder_metadata(grid)
 
     hidden = self.patch_embed(self.input_norm(x.to(device=self.device), self.dtype))
@@ -75,6 +75,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     units = WindowUnits(
         ids=window_index,
         frames=frame_units(grid),
+        pools=state.pools(grid),
         sizes=hidden.new_ones(len(window_index), dtype=torch.float32),
         position_embeddings=(metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]),
         window=torch.repeat_interleave(torch.arange(len(window_units), device=hidden.device), window_units),

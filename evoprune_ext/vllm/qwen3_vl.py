@@ -34,7 +34,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
 from evoprune_ext.schedule import MERGE, frame_units, kept_tokens
-from evoprune_ext.towers.packed import PackedTower, Units, kept_units
+from evoprune_ext.towers.packed import PER_FRAME_PROMPT, PackedTower, Units, kept_units
 from evoprune_ext.vllm.qwen_vl import (
     EvoPruneQwenVL,
     _attention_metadata,
@@ -87,7 +87,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     state = self._evoprune
     grid = [[int(v) for v in row] for row in grid_thw]
     frames = frame_units(grid)
-    keeps = state.keeps(frames)
+    keeps = state.keeps(grid)
     metadata = self.prepare_encoder_metadata(grid)
 
     hidden = self.patch_embed(self.input_norm(x.to(device=self.device), self.dtype)) + metadata["pos_embeds"]
@@ -95,6 +95,7 @@ def _forward(self, x: Tensor, grid_thw, *, encoder_metadata=None) -> Tensor:
     units = Units(
         ids=torch.arange(sum(frames), device=hidden.device),
         frames=frames,
+        pools=state.pools(grid),
         sizes=hidden.new_ones(sum(frames), dtype=torch.float32),
         position_embeddings=(metadata["rotary_pos_emb_cos"], metadata["rotary_pos_emb_sin"]),
     )
@@ -125,7 +126,7 @@ class PrunedVisionTower:
     forward = _forward
 
 
-TOWER = PackedTower("Qwen3-VL", Qwen3_VisionTransformer, PrunedVisionTower)
+TOWER = PackedTower("Qwen3-VL", Qwen3_VisionTransformer, PrunedVisionTower, clip_refusal=PER_FRAME_PROMPT)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
