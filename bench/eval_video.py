@@ -341,17 +341,7 @@ def pruned_tokens(model: VideoQA, x, mode: str):
         return frame_tokens(model.vision(pixel_values=x).last_hidden_state, frames, state.sizes)
     with state.clips(frames=frames):
         out = model.vision(pixel_values=x).last_hidden_state
-    index = state.index if state.index is not None else first_member(state.slot, out.shape[1])
-    return out, index // out_patches(model), state.sizes
-
-
-def first_member(slot, k: int):
-    """[V, K]: the first clip position each output token carries (a token's frame where a step, like ToMe, gives
-    no index of kept tokens), from the slot map [V, F*N] (-1: dropped)."""
-    n = slot.shape[1]
-    positions = torch.arange(n, device=slot.device).expand_as(slot)
-    first = torch.full((slot.shape[0], k + 1), n, dtype=torch.long, device=slot.device)
-    return first.scatter_reduce_(1, torch.where(slot >= 0, slot, k), positions, reduce="amin")[:, :k]
+    return out, state.index // out_patches(model), state.sizes
 
 
 def out_patches(model: VideoQA) -> int:

@@ -142,7 +142,3 @@ def test_eval_video_smoke(video, tmp_path, capsys):
         assert all(0.0 <= row[q] <= 1.0 for q in video.QUESTIONS)
     assert result["chosen"]["mode"] in ("frame", "clip")
 
-
-def test_first_member_names_each_output_tokens_first_input(video):
-    slot = torch.tensor([[1, 0, -1, 1, 2, 0]])
-    assert torch.equal(video.first_member(slot, 3), torch.tensor([[1, 0, 4]]))
