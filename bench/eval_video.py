@@ -37,7 +37,6 @@ Writes video_quality.json, .md and .png to --out.
 """
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -96,6 +95,7 @@ NUM_CLASSES = 10
 TEST_CLIPS = 2000
 RETENTIONS = [1.0, 0.5, 0.25, 0.125, 0.0625]
 ALPHAS = [0.0, 0.1, 1.0]
+MODES = ("frame", "clip")  # EvoPrune's budget: each frame keeps its share, or the clip's frames share one
 DECIDING = [0.25, 0.125, 0.0625]  # where the mode and alpha are decided: where tokens are scarce
 QUESTIONS = ("set", "first", "count")
 BATCH = 50  # clips per forward pass in evaluation
@@ -314,20 +314,11 @@ def test_set(task: dict, count: int):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------
-def clip_mode_available() -> bool:
-    """Whether this evoprune_ext prunes over whole clips (`patch(..., budget="clip")`)."""
-    import evoprune_ext
-
-    return "budget" in inspect.signature(evoprune_ext.patch).parameters
-
-
-def methods(alphas, clip_mode: bool) -> dict[str, dict]:
+def methods(alphas) -> dict[str, dict]:
     """Name -> how it runs: `mode` "frame" (the tower pruned frame by frame), "clip" (the tower pruned over the
     clip pool) or "after" (a video peer on the unpruned tower's tokens), with `alpha` or `step`."""
-    out = {f"evoprune frame a={a:g}": {"mode": "frame", "alpha": a} for a in alphas}
-    if clip_mode:
-        out.update({f"evoprune clip a={a:g}": {"mode": "clip", "alpha": a} for a in alphas})
-        out["tome clip"] = {"mode": "clip", "step": PEERS["tome"]}
+    out = {f"evoprune {mode} a={a:g}": {"mode": mode, "alpha": a} for mode in MODES for a in alphas}
+    out["tome clip"] = {"mode": "clip", "step": PEERS["tome"]}
     out.update({f"{name} after": {"mode": "after", "step": step} for name, step in VIDEO_PEERS.items()})
     out.update({f"{name} frame": {"mode": "frame", "step": step} for name, step in PEERS.items()})
     return out
@@ -427,14 +418,13 @@ def run(model, x, y, names: dict, retentions, log=print) -> tuple[list[dict], di
     return rows, per_clip
 
 
-def choose(per_clip, alphas, clip_mode: bool, deciding) -> dict:
+def choose(per_clip, alphas, deciding) -> dict:
     """The video mode and alpha the numbers recommend, from the per-clip accuracy averaged over the `deciding`
     retentions: the image defaults (per frame, DEFAULT_ALPHA) stay if equal to the best within the paired 95%
     interval; otherwise the best mode, at DEFAULT_ALPHA if that is equal to the best, else at the best alpha."""
     from evoprune_ext.defaults import DEFAULT_ALPHA
 
-    modes = ["frame", "clip"] if clip_mode else ["frame"]
-    settings = [(m, a) for m in modes for a in alphas]
+    settings = [(m, a) for m in MODES for a in alphas]
     scores = {s: torch.stack([per_clip[f"evoprune {s[0]} a={s[1]:g}", r].double() for r in deciding]).mean(0)
               for s in settings}
     best, table = equal_to_best(scores)
@@ -557,14 +547,12 @@ def _main(argv) -> dict:
     retentions = [1.0, 0.25, 0.0625] if args.smoke else RETENTIONS
     alphas = [ALPHAS[1]] if args.smoke else ALPHAS
     deciding = [r for r in DECIDING if r in retentions]
-    clip_mode = clip_mode_available()
-    names = methods(alphas, clip_mode)
+    names = methods(alphas)
     x, y = test_set(task, count)
     start = time.perf_counter()
-    print(f"accuracy at retentions {retentions} on {count} test clips"
-          + ("" if clip_mode else " (this evoprune_ext has no clip mode: per-frame EvoPrune only)") + ":")
+    print(f"accuracy at retentions {retentions} on {count} test clips:")
     rows, per_clip = run(model, x, y, names, retentions)
-    chosen = choose(per_clip, alphas, clip_mode, deciding)
+    chosen = choose(per_clip, alphas, deciding)
     seconds = time.perf_counter() - start
 
     table = markdown(rows, per_clip, names, retentions, chosen, task, count)
@@ -576,7 +564,7 @@ def _main(argv) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"task": task, "model": config["model"], "head": config["head"],
               "train_seconds": config.get("train_seconds"), "test_clips": count, "eval_seconds": round(seconds, 1),
-              "clip_mode": clip_mode, "rows": rows, "chosen": chosen}
+              "rows": rows, "chosen": chosen}
     (args.out / "video_quality.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "video_quality.md").write_text(table)
     plot(rows, names, retentions, chosen, args.out / "video_quality.png")

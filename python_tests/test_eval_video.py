@@ -135,8 +135,7 @@ def test_eval_video_smoke(video, tmp_path, capsys):
     methods = {row["method"] for row in rows}
     assert {"unpruned", "evoprune frame a=0.1"} | {f"{p} frame" for p in PEERS} | {
         f"{p} after" for p in VIDEO_PEERS} <= methods
-    if result["clip_mode"]:
-        assert {"evoprune clip a=0.1", "tome clip"} <= methods
+    assert {"evoprune clip a=0.1", "tome clip"} <= methods
     for row in rows:
         assert 0.0 <= row["ci95"][0] <= row["accuracy"] <= row["ci95"][1] <= 1.0
         assert all(0.0 <= row[q] <= 1.0 for q in video.QUESTIONS)
