@@ -14,7 +14,9 @@ The model (trained here once, reproducibly, on one thread, about 15 minutes) is 
 `SiglipVisionModel` (no CLS, no pooling head) run on every frame, then `ClipHead` over all the output tokens
 of all frames: each token gets a learned embedding of its frame, learned queries pool each frame's tokens (a
 frame that lost them all still has a learned empty token), a small transformer runs over the frames, and three
-heads answer. The head takes any subset of the tokens with their frame ids and sizes, so every pruning method
+heads answer. Training also scores which digits each frame shows (from its summary) and which digit each
+patch shows (a linear probe on the encoder's tokens): dense supervision that teaches the tiny encoder within
+the budget; evaluation reads only the three answers. The head takes any subset of the tokens with their frame ids and sizes, so every pruning method
 feeds it the same way, with exactly the same number of tokens per clip: round(768 * r) at retention r.
 
 Methods, each through the product's harness `evoprune_ext.patch` where it runs inside the encoder:
@@ -50,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_quality import correct, digit_pools  # noqa: E402  (bench/eval_quality.py)
 import evaluation  # noqa: E402  (bench/evaluation.py)
-from evaluation import equal_to_best, fit, wilson  # noqa: E402
+from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402
 from peers import PEERS, VIDEO_PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "video_model"
@@ -88,7 +90,7 @@ MODEL = {
 }
 HEAD = {"queries": 4, "layers": 2, "heads": 4}
 # One thread, as bench/eval_quality.py: bitwise reproducible, and fastest on a shared 2-core machine.
-TRAINING = {"seed": 0, "steps": 900, "batch": 20, "lr": 2e-3, "weight_decay": 0.05, "warmup": 50, "clip": 1.0,
+TRAINING = {"seed": 0, "steps": 1300, "batch": 20, "lr": 2e-3, "weight_decay": 0.05, "warmup": 50, "clip": 1.0,
             "threads": 1}
 
 NUM_CLASSES = 10
@@ -467,8 +469,8 @@ def markdown(rows, per_clip, names, retentions, chosen, task, count) -> str:
            f"patches a frame, {frames * patches} a clip; a clip counts when the set of its {task['digits']} digits, "
            f"the first one and how many times each appears are all right), unpruned {100 * base:.1f}% "
            f"({100 * low:.1f}-{100 * high:.1f}). In brackets: the 95% Wilson interval. Every method ends with "
-           + ", ".join(f"{lookup(rows, n, r, 'tokens')}" for n, r in [(next(iter(names)), r) for r in pruned])
-           + f" tokens a clip at " + ", ".join(f"{100 * r:g}%" for r in pruned) + " retention.\n\n"]
+           + ", ".join(str(lookup(rows, next(iter(names)), r, "tokens")) for r in pruned)
+           + " tokens a clip at " + ", ".join(f"{100 * r:g}%" for r in pruned) + " retention.\n\n"]
     out.append("| method | " + " | ".join(f"{100 * r:g}%" for r in retentions) + " |\n|---|"
                + "---|" * len(retentions) + "\n")
     for name in names:
@@ -485,6 +487,13 @@ def markdown(rows, per_clip, names, retentions, chosen, task, count) -> str:
         out.append(f"| {name} | " + " | ".join(f"{100 * lookup(rows, name, lowest, q):.1f}" for q in QUESTIONS)
                    + " |\n")
     out.append(f"\nRecommended: {chosen['reason']}\n")
+    alpha = f"a={chosen['alpha']:g}"
+    out.append(f"\nClip against frame budget (evoprune clip {alpha} minus evoprune frame {alpha}, paired): "
+               + "; ".join(f"{100 * r:g}% {100 * d:+.1f} +- {100 * h:.1f}" for r in pruned
+                           for d, h in [paired(per_clip[f"evoprune clip {alpha}", r],
+                                               per_clip[f"evoprune frame {alpha}", r])])
+               + ". Best at each retention: " + "; ".join(
+                   f"{100 * r:g}% {max(names, key=lambda n: lookup(rows, n, r))}" for r in pruned) + ".\n")
     return "".join(out)
 
 
