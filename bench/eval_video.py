@@ -38,7 +38,6 @@ Writes video_quality.json, .md and .png to --out.
     python bench/eval_video.py --smoke    # seconds: a tiny grid, for the tests
 """
 
-import argparse
 import json
 import math
 import sys
@@ -525,20 +524,11 @@ def plot(rows, names, retentions, chosen, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return evaluation.keeping_threads(_main, argv)
 
 
 def _main(argv) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--retrain", action="store_true", help="train the model again and save it to --model-dir")
-    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests (seconds)")
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where video_quality.{json,md,png} go")
-    args = parser.parse_args(argv)
+    args = evaluation.arguments(__doc__, MODEL_DIR, RESULTS_DIR, "video_quality").parse_args(argv)
     import evoprune_ext  # noqa: F401  (fails early if the package is not installed)
 
     torch.set_num_threads(TRAINING["threads"])

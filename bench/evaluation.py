@@ -2,6 +2,7 @@
 intervals, the comparison of settings with the best one, the reproducible training loop, and saving the trained
 model with its config."""
 
+import argparse
 import json
 import math
 import time
@@ -119,3 +120,22 @@ def load(directory: Path, build: Callable[[dict], nn.Module]) -> tuple[nn.Module
     model = build(config)
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval(), config
+
+
+def arguments(doc: str, model_dir: Path, results_dir: Path, results: str) -> argparse.ArgumentParser:
+    """The command line of an accuracy benchmark: --retrain, --smoke, --model-dir, --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--retrain", action="store_true", help="train the model again and save it to --model-dir")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests (seconds)")
+    parser.add_argument("--model-dir", type=Path, default=model_dir)
+    parser.add_argument("--out", type=Path, default=results_dir, help=f"where {results}.{{json,md,png}} go")
+    return parser
+
+
+def keeping_threads(run: Callable, argv):
+    """`run(argv)`, the caller's torch thread count restored afterwards (the benchmarks set their own)."""
+    threads = torch.get_num_threads()
+    try:
+        return run(argv)
+    finally:
+        torch.set_num_threads(threads)
