@@ -80,6 +80,7 @@ def test_clips_answer_what_they_claim(video):
     assert torch.equal(y["present"].bool(), y["counts"] > 0)
     assert (y["present"].sum(1) == task["digits"]).all()
     assert y["present"].gather(1, y["first"][:, None]).all()
+    assert y["present"].gather(1, y["query"][:, None]).all()
     assert y["counts"].max() <= task["appearances"]
     gen = torch.Generator().manual_seed(1)
     for _ in range(50):
