@@ -38,15 +38,15 @@ REUSABLE = ("quality", "mllm", "video")  # the long sections (about 7, 40 and 25
 MLLM_RESULTS = ("mllm_llava.json", "mllm_video_qwen.json")
 
 
-VIDEO_INTRO = """A tiny video model trained here (a SigLIP frame encoder of 4 layers, width 64, and a head over the tokens
-of all frames, each with its frame's learned embedding) answers three questions that need time on clips of 12
-frames of 32x32 cut from scikit-image's photographs (static or panning a pixel a frame): which three digits
-appear anywhere, which appears first, and how many times one of them appears (one to three times, one to three
-frames each, at a new place each time). Every method ends with the same tokens a clip; "frame" methods prune each
-frame to the same share, "clip" methods prune the clip's pool of 768 tokens as one (EvoPrune's
-`budget="clip"`, ToMe run in that mode), "after" methods prune the unpruned tower's output (vLLM's EVS:
-the first frame, then what changed most from the previous frame; a DyCoke/FastVID-style temporal merge:
-tokens that repeat an earlier frame are folded into it). Training and evaluation use one thread."""
+VIDEO_INTRO = """A tiny video model trained here (a SigLIP frame encoder of 4 layers, width 64, and a head over
+the tokens of all frames, each with its frame's learned embedding) answers three questions that need time on
+clips of 12 frames of 32x32 cut from scikit-image's photographs (static or panning a pixel a frame): which three
+digits appear anywhere, which appears first, and how many times one of them appears (one to three times, one to
+three frames each, at a new place each time). Every method ends with the same tokens a clip; "frame" methods
+prune each frame to the same share, "clip" methods prune the clip's pool of 768 tokens as one (EvoPrune's
+`budget="clip"`, ToMe run in that mode), "after" methods prune the unpruned tower's output (vLLM's EVS: the
+first frame, then what changed most from the previous frame; a DyCoke/FastVID-style temporal merge: tokens that
+repeat an earlier frame are folded into it). Training and evaluation use one thread."""
 
 
 def machine() -> str:
