@@ -509,13 +509,13 @@ def plot(rows, names, retentions, chosen, path: Path) -> None:
 
     fig, axis = plt.subplots(figsize=(8, 5))
     xs = [100 * r for r in retentions]
-    for name in names:
+    for i, name in enumerate(names):
         acc = [100 * lookup(rows, name, r) for r in retentions]
         ci = [lookup(rows, name, r, "ci95") for r in retentions]
         err = [[a - 100 * lo for a, (lo, _) in zip(acc, ci)], [100 * hi - a for a, (_, hi) in zip(acc, ci)]]
         evo, picked = name.startswith("evoprune"), name == chosen["name"]
         axis.errorbar(xs, acc, yerr=err, capsize=3, marker="o" if evo else "s", ls="-" if evo else "--",
-                      lw=2.5 if picked else 1, label=name + (" (chosen)" if picked else ""))
+                      color=plt.cm.tab20(i % 20), lw=2.5 if picked else 1, label=name + (" (chosen)" if picked else ""))
     axis.set_xscale("log", base=2)
     axis.set_xticks(xs, [f"{x:g}%" for x in xs])
     axis.set_xlabel("retention (final share of the clip's tokens)")
