@@ -31,7 +31,7 @@ bench-vllm:
 	PYTHON=$(PYTHON) bash .ci/vllm-venv
 	.venv-vllm/bin/python bench/bench_vllm.py
 
-# REUSE=quality,mllm takes those (long) sections from the results an earlier run saved in bench/results/.
+# REUSE=quality,mllm,video takes those (long) sections from the results an earlier run saved in bench/results/.
 bench: $(VENV)/.installed
 	$(PY) bench/report.py $(if $(REUSE),--reuse $(REUSE))
 

@@ -31,7 +31,6 @@ recommend.
     python bench/eval_quality.py --smoke    # seconds: a tiny grid, for the tests
 """
 
-import argparse
 import json
 import math
 import sys
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import evaluation  # noqa: E402  (bench/evaluation.py)
+from evaluation import equal_to_best, fit, wilson  # noqa: E402
 from peers import PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "quality_model"
@@ -89,9 +90,9 @@ SCHEDULES = {
 }
 # The retentions whose accuracy picks the defaults: where pruning matters and methods differ.
 DECIDING = [0.5, 0.25, 0.125]
-# Confidence intervals are 95%: accuracies get Wilson intervals, differences between two settings on the same
-# images paired normal intervals; a default changes only on a difference whose interval excludes 0.
-Z = 1.959964
+# Confidence intervals (bench/evaluation.py) are 95%: accuracies get Wilson intervals, differences between two
+# settings on the same images paired normal intervals; a default changes only on a difference whose interval
+# excludes 0.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,57 +195,23 @@ def correct(logits, y, per: int) -> torch.Tensor:
 def train(steps: int | None = None, log=print) -> tuple[DigitSet, dict]:
     """Train the model from fixed seeds with deterministic algorithms; returns it and a training record."""
     cfg = dict(TRAINING, steps=steps or TRAINING["steps"])
-    torch.manual_seed(cfg["seed"])
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
-        pools = digit_pools(TASK)
-        model = DigitSet(MODEL, NUM_CLASSES)
-        params = list(model.parameters())
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    pools = digit_pools(TASK)
 
-        def lr_factor(step):
-            return min(1.0, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
+    def loss(model, batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(model(x), y)
 
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-        model.train()
-        start = time.perf_counter()
-        for step in range(cfg["steps"]):
-            x, y = compose(TASK, pools, "train", cfg["batch"], gen)
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, cfg["clip"])
-            opt.step()
-            schedule.step()
-            if log and (step + 1) % 100 == 0:
-                log(f"  step {step + 1}/{cfg['steps']}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
-        model.eval()
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(saved_threads)
-    return model, {"training": cfg, "train_seconds": round(time.perf_counter() - start, 1)}
+    model, seconds = fit(lambda: DigitSet(MODEL, NUM_CLASSES), lambda gen: compose(TASK, pools, "train",
+                         cfg["batch"], gen), loss, cfg, log)
+    return model, {"training": cfg, "train_seconds": seconds}
 
 
 def save(model: DigitSet, record: dict, directory: Path = MODEL_DIR) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    config = {"task": TASK, "model": MODEL, "num_classes": NUM_CLASSES, **record}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    evaluation.save(model, {"task": TASK, "model": MODEL, "num_classes": NUM_CLASSES, **record}, directory)
 
 
 def load(directory: Path = MODEL_DIR) -> tuple[DigitSet, dict]:
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / "config.json").read_text())
-    model = DigitSet(config["model"], config["num_classes"])
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    return model.eval(), config
+    return evaluation.load(directory, lambda config: DigitSet(config["model"], config["num_classes"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,20 +239,6 @@ def evaluate(model: DigitSet, x, y, *, retention: float, layers, alpha=None, ste
         return hits(model, x, y)
     finally:
         evoprune_ext.unpatch(model.vision)
-
-
-def wilson(successes: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p, z2 = successes / n, Z**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """Mean of a - b over the same images and its 95% half-width (normal approximation, paired)."""
-    d = a.double() - b.double()
-    return d.mean().item(), Z * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else 0.0
 
 
 def schedule_layers(num_layers: int, first: int, every: int, steps: int) -> list[int]:
@@ -364,17 +317,6 @@ def per_image_mean(per_image, method, schedules, retentions) -> torch.Tensor:
     return torch.stack([per_image[method, s, r].double() for s in schedules for r in retentions]).mean(0)
 
 
-def equal_to_best(scores: dict) -> tuple[object, dict]:
-    """The key of the best mean score and, for every key, (mean, paired difference to the best, its half-width,
-    whether the difference is inside the noise: its 95% interval contains 0)."""
-    best = max(scores, key=lambda k: scores[k].mean().item())
-    out = {}
-    for k, s in scores.items():
-        diff, half = paired(s, scores[best])
-        out[k] = {"mean": s.mean().item(), "diff": diff, "half": half, "tied": k == best or diff + half >= 0}
-    return best, out
-
-
 def choose_defaults(per_image, alphas, schedules, model_config, deciding) -> dict:
     """EvoPrune's defaults from the `deciding` retentions, changed only on a difference outside the noise.
 
@@ -422,31 +364,6 @@ def _cell(rows, name, schedule, r) -> str:
     return f"{100 * lookup(rows, name, schedule, r):.1f} ({100 * low:.1f}-{100 * high:.1f})"
 
 
-def differences(per_image, names, reference, schedule, layers, pruned) -> str:
-    """Markdown: every method's paired difference to `reference` at `schedule`, then which differ beyond the
-    noise at each retention."""
-    out = [f"\nDifference to {reference} at the same layers {layers}, in points, on the same images (paired; "
-           f"+- the 95% half-width; bold: outside the noise):\n\n| method | "
-           + " | ".join(f"{100 * r:g}%" for r in pruned) + " |\n|---|" + "---|" * len(pruned) + "\n"]
-    apart = {r: {"better": [], "worse": [], "equal": []} for r in pruned}
-    for name in names:
-        if name == reference:
-            continue
-        cells = []
-        for r in pruned:
-            diff, half = paired(per_image[name, schedule, r], per_image[reference, schedule, r])
-            text = f"{100 * diff:+.1f} +- {100 * half:.1f}"
-            cells.append(f"**{text}**" if abs(diff) > half else text)
-            apart[r]["equal" if abs(diff) <= half else "better" if diff > 0 else "worse"].append(name)
-        out.append(f"| {name} | {' | '.join(cells)} |\n")
-    out.append(f"\nAgainst {reference} at {layers}, beyond the noise:\n")
-    for r in pruned:
-        out.append(f"- at {100 * r:g}%: better " + (", ".join(apart[r]["better"]) or "none") + "; worse "
-                   + (", ".join(apart[r]["worse"]) or "none") + "; equal within the noise "
-                   + (", ".join(apart[r]["equal"]) or "none") + ".\n")
-    return "".join(out)
-
-
 def markdown(rows, per_image, retentions, schedules, peer_schedules, peers, alphas, chosen, task, count) -> str:
     """Methods vs retention (with 95% intervals) and every method's paired difference to the chosen EvoPrune, at
     each schedule (the chosen one first), then EvoPrune's alpha x schedule table."""
@@ -471,7 +388,10 @@ def markdown(rows, per_image, retentions, schedules, peer_schedules, peers, alph
             mark = " **(chosen)**" if name == chosen_name and schedule == chosen["schedule"] else ""
             out.append(f"| {name}{mark} | " + " | ".join(_cell(rows, name, schedule, r) for r in retentions)
                        + " |\n")
-        out.append(differences(per_image, names, chosen_name, schedule, schedules[schedule], pruned))
+        out.append(f"\nDifference to {chosen_name} at the same layers {schedules[schedule]}, in points, on the same "
+                   "images (paired; +- the 95% half-width; bold: outside the noise):\n\n")
+        out.append(evaluation.differences({(n, r): per_image[n, schedule, r] for n in names for r in pruned}, names,
+                                          chosen_name, pruned, f"{chosen_name} at {schedules[schedule]}"))
     deciding = ", ".join(f"{100 * r:g}%" for r in chosen["deciding_retentions"])
     out.append(f"\nEvoPrune, mean accuracy at {deciding} retention, by schedule and alpha:\n\n")
     out.append("| schedule | layers | " + " | ".join(f"a={a:g}" for a in alphas) + " |\n|---|---|"
@@ -528,20 +448,11 @@ def plot(rows, per_image, retentions, schedules, peers, alphas, chosen, path: Pa
 
 
 def main(argv=None) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return evaluation.keeping_threads(_main, argv)
 
 
 def _main(argv) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--retrain", action="store_true", help="train the model again and save it to --model-dir")
-    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests (seconds)")
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where quality.{json,md,png} go")
-    args = parser.parse_args(argv)
+    args = evaluation.arguments(__doc__, MODEL_DIR, RESULTS_DIR, "quality").parse_args(argv)
     import evoprune_ext  # noqa: F401  (fails early if the package is not installed)
 
     torch.set_num_threads(TRAINING["threads"])  # evaluation too: reproducible accuracies (see TRAINING)

@@ -4,9 +4,12 @@ Every peer here is a *step*, the callable that `evoprune_ext.patch(model, ..., s
 scheduled pruning layer in place of EvoPrune's own `torch.ops.evoprune.prune`:
 
     step(hidden[B,N,D], metric[B,N,Dm], importance[B,N] float32 or None, sizes[B,N] float32,
-         *, keep, protect, alpha, merge) -> (hidden_out[B,keep,D], sizes_out[B,keep] float32, slot[B,N] int64)
+         *, keep, protect, alpha, merge)
+      -> (hidden_out[B,keep,D], sizes_out[B,keep] float32, slot[B,N] int64, index[B,keep] int64)
 
-`slot[b, j]` is the output position that carries original token j, or -1 if the token was dropped.
+`slot[b, j]` is the output position that carries original token j, or -1 if the token was dropped; `index[b, p]`
+the input position of the token kept at output position p (ascending), as EvoPrune's own step returns it, so
+every peer also runs under the clip budget (`patch(..., budget="clip")`, where the index gives each token's frame).
 Common to every peer, so that the benchmarks compare selection rules and nothing else:
 - the first `protect` tokens (CLS, registers) are kept, stay first, and nothing is merged into them;
 - kept tokens stay in ascending original order (as EvoPrune's, so the spatial order survives);
@@ -14,12 +17,15 @@ Common to every peer, so that the benchmarks compare selection rules and nothing
 - `alpha` is EvoPrune's and ignored here; `merge` is honoured where the method merges (ToMe, VisionZip):
   with `merge=False` the would-be-merged tokens are dropped, their slot still naming their destination.
 
-`PEERS` maps a name to its step; every benchmark swaps methods through it.
+`PEERS` maps a name to its step; every benchmark swaps methods through it. `VIDEO_PEERS` holds the steps that
+need the clip's frames (a `frames=F` keyword): they take a whole clip pool [B, F*N, D] (frame-major, N patches a
+frame, no protected tokens).
 """
 
 import torch
 
-__all__ = ["PEERS", "tome", "divprune", "visionzip", "topk_attention", "random_selection"]
+__all__ = ["PEERS", "VIDEO_PEERS", "tome", "divprune", "visionzip", "topk_attention", "random_selection", "evs",
+           "temporal_merge"]
 
 
 def _check(hidden, importance, sizes, keep, protect, needs_importance=False, name="step"):
@@ -78,7 +84,7 @@ def _finish(hidden, sizes, index, slot, merge):
         out, sizes_out = _merge(hidden, sizes, index, slot)
     else:
         out, sizes_out = _gather(hidden, sizes, index)
-    return out, sizes_out, slot
+    return out, sizes_out, slot, index
 
 
 def _protected(b, protect, device):
@@ -123,9 +129,9 @@ def _tome_round(hidden, metric, sizes, r, protect, merge):
     if dst_of_a is not None:
         src = a_pos[merged_a]
         slot.scatter_(1, src, slot.gather(1, dst_of_a.gather(1, merged_a)))
-    out, sizes_out, _ = _finish(hidden, sizes, index, slot, merge)
+    out, sizes_out, _, _ = _finish(hidden, sizes, index, slot, merge)
     metric_out, _ = _merge(metric, sizes, index, slot) if merge else _gather(metric, sizes, index)
-    return out, metric_out, sizes_out, slot
+    return out, metric_out, sizes_out, slot, index
 
 
 def tome(hidden, metric, importance, sizes, *, keep, protect, alpha=None, merge=True):
@@ -139,13 +145,15 @@ def tome(hidden, metric, importance, sizes, *, keep, protect, alpha=None, merge=
     _check(hidden, importance, sizes, keep, protect, name="tome")
     n = hidden.shape[1]
     slot = torch.arange(n, device=hidden.device).expand(hidden.shape[0], n).clone()
+    index = slot.clone()
     sizes = sizes.float()
     while hidden.shape[1] > keep:
         cur = hidden.shape[1]
         r = min(cur - keep, (cur - protect + 1) // 2)
-        hidden, metric, sizes, round_slot = _tome_round(hidden, metric, sizes, r, protect, merge)
+        hidden, metric, sizes, round_slot, round_index = _tome_round(hidden, metric, sizes, r, protect, merge)
         slot = torch.where(slot >= 0, round_slot.gather(1, slot.clamp_min(0)), slot)
-    return hidden, sizes, slot
+        index = index.gather(1, round_index)
+    return hidden, sizes, slot, index
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,4 +277,70 @@ PEERS = {
     "visionzip": visionzip,
     "topk": topk_attention,
     "random": random_selection,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Video peers: they see a whole clip pool [B, F*N, D], frames consecutive, and use its frame structure.
+# --------------------------------------------------------------------------------------------------
+def _frames(hidden, protect, frames, name):
+    b, n, _ = hidden.shape
+    if protect != 0 or frames < 1 or n % frames:
+        raise ValueError(f"{name}: a clip pool of {n} tokens, no protected token, is not {frames} equal frames")
+    return n // frames
+
+
+def evs(hidden, metric, importance, sizes, *, keep, protect, frames, alpha=None, merge=True):
+    """vLLM's Efficient Video Sampling (`vllm/multimodal/evs.py`, `compute_retention_mask`), after the encoder.
+
+    Each token of a later frame scores its dissimilarity 1 - cos to the token at the same patch of the previous
+    frame (on `metric`; vLLM uses the output embeddings, so pass them); the first frame's tokens score highest.
+    The `keep` tokens of highest score are kept (ties: smaller index, so the first frame in raster order), the
+    rest discarded. vLLM never keeps fewer than one frame's tokens; here, for equal counts, a budget below one
+    frame keeps the first `keep` tokens of the first frame.
+    """
+    _check(hidden, importance, sizes, keep, protect, name="evs")
+    per = _frames(hidden, protect, frames, "evs")
+    b, n, _ = hidden.shape
+    u = _unit(metric).view(b, frames, per, -1)
+    dissimilarity = 1.0 - (u[:, 1:] * u[:, :-1]).sum(dim=-1)
+    first = dissimilarity.new_full((b, 1, per), float("inf"))
+    index = _rank_desc(torch.cat([first, dissimilarity], dim=1).flatten(1))[:, :keep].sort(dim=1).values
+    return _finish(hidden, sizes, index, _slot_of_kept(index, n), merge=False)
+
+
+def temporal_merge(hidden, metric, importance, sizes, *, keep, protect, frames, alpha=None, merge=True):
+    """A DyCoke / FastVID-style temporal merge: tokens that repeat an earlier frame go first, into what they repeat.
+
+    After DyCoke's temporal token merging (Tao et al., CVPR 2025) and FastVID's anchor frames (Shen et al.,
+    2025), to an exact budget: a token of frame t >= 1 is as redundant as its highest cosine similarity (of
+    `metric`) to any token of frame t - 1; the first frame is the anchor, its tokens rank below every later one
+    (among themselves by their highest similarity within the frame). The `keep` least redundant tokens are kept
+    (ties: smaller index); each other token merges (size-weighted; dropped with `merge=False`) into its most
+    similar kept token of an earlier frame, a first-frame token into one of the first frame.
+    """
+    _check(hidden, importance, sizes, keep, protect, name="temporal_merge")
+    per = _frames(hidden, protect, frames, "temporal_merge")
+    b, n, _ = hidden.shape
+    u = _unit(metric)
+    by_frame = u.view(b, frames, per, -1)
+    later = (by_frame[:, 1:] @ by_frame[:, :-1].transpose(-1, -2)).amax(dim=-1)
+    eye = torch.eye(per, dtype=torch.bool, device=hidden.device)
+    within = (by_frame[:, 0] @ by_frame[:, 0].transpose(-1, -2)).masked_fill(eye, -1.0).amax(dim=-1)
+    redundancy = torch.cat([within[:, None] - 3.0, later], dim=1).flatten(1)
+    index = _rank_desc(-redundancy)[:, :keep].sort(dim=1).values
+    slot = _slot_of_kept(index, n)
+    frame = torch.arange(n, device=hidden.device) // per
+    kept_frame = frame[index]  # [B, keep]
+    allowed = (kept_frame[:, None, :] < frame[None, :, None]) | (
+        (kept_frame[:, None, :] == 0) & (frame[None, :, None] == 0))
+    similarity = u @ u.gather(1, index.unsqueeze(-1).expand(-1, -1, u.shape[-1])).transpose(1, 2)
+    target = torch.nan_to_num(similarity, nan=-2.0).masked_fill(~allowed, -3.0).argmax(dim=-1)
+    slot = torch.where(slot >= 0, slot, target)
+    return _finish(hidden, sizes, index, slot, merge)
+
+
+VIDEO_PEERS = {
+    "evs": evs,
+    "temporal merge": temporal_merge,
 }

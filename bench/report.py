@@ -3,11 +3,12 @@
 1. bench_ops.py: the op vs the reference and the peers at S1-S5, and the sweep over N;
 2. bench_encoder.py: end-to-end CLIP-L/336 and SigLIP-so400m encoders, unpatched vs EvoPrune vs ToMe;
 3. eval_quality.py: accuracy vs retention of the trained quality model, EvoPrune vs the peers;
-4. bench_mllm.py: time to first token of LLaVA-1.5 and LLaVA-OneVision, EvoPrune vs peers in and after the encoder.
-Raw results go to bench/results/ (JSON, markdown, the quality plot); the page links the plot.
+4. bench_mllm.py: time to first token of LLaVA-1.5 and LLaVA-OneVision, EvoPrune vs peers in and after the encoder;
+5. eval_video.py: accuracy vs retention of the trained video model, EvoPrune per frame and per clip vs video peers.
+Raw results go to bench/results/ (JSON, markdown, the quality plots); the page links the plots.
 
     python bench/report.py [--quick]     # --quick: smoke sizes, writes to bench/results/ only
-    python bench/report.py --reuse quality,mllm   # those sections from the results saved by an earlier run
+    python bench/report.py --reuse quality,mllm,video   # those sections from the results saved by an earlier run
 """
 
 from __future__ import annotations
@@ -30,10 +31,22 @@ import bench_mllm  # noqa: E402
 import bench_ops  # noqa: E402
 import bench_vllm  # noqa: E402
 import eval_quality  # noqa: E402
+import eval_video  # noqa: E402
 
 PEERS = "tome,divprune,visionzip,topk,random"
-REUSABLE = ("quality", "mllm")  # the long sections (about 7 and 40 minutes)
+REUSABLE = ("quality", "mllm", "video")  # the long sections (about 7, 40 and 25 minutes)
 MLLM_RESULTS = ("mllm_llava.json", "mllm_video_qwen.json")
+
+
+VIDEO_INTRO = """A tiny video model trained here (a SigLIP frame encoder of 4 layers, width 64, and a head over
+the tokens of all frames, each with its frame's learned embedding) answers three questions that need time on
+clips of 12 frames of 32x32 cut from scikit-image's photographs (static or panning a pixel a frame): which three
+digits appear anywhere, which appears first, and how many times one of them appears (one to three times, one to
+three frames each, at a new place each time). Every method ends with the same tokens a clip; "frame" methods
+prune each frame to the same share, "clip" methods prune the clip's pool of 768 tokens as one (EvoPrune's
+`budget="clip"`, ToMe run in that mode), "after" methods prune the unpruned tower's output (vLLM's EVS: the
+first frame, then what changed most from the previous frame; a DyCoke/FastVID-style temporal merge: tokens that
+repeat an earlier frame are folded into it). Training and evaluation use one thread."""
 
 
 def machine() -> str:
@@ -94,7 +107,8 @@ def targets(ops: list[dict], profile: list[dict], sweep: list[dict], scaling: di
 def reused(sections: set[str]) -> str:
     if not sections:
         return ""
-    names = " and ".join({"quality": "quality", "mllm": "end-to-end"}[s] for s in REUSABLE if s in sections)
+    names = " and ".join({"quality": "quality", "mllm": "end-to-end", "video": "video quality"}[s]
+                         for s in REUSABLE if s in sections)
     return f"\nThe {names} {'sections come' if len(sections) > 1 else 'section comes'} from an earlier run (`--reuse`, saved in bench/results/)."
 
 
@@ -128,6 +142,9 @@ def main(argv=None) -> None:
     if "quality" not in reuse:
         eval_quality.main([*(["--smoke"] if args.quick else []), "--out", str(results)])
     quality_md = (results / "quality.md").read_text()
+    if "video" not in reuse:
+        eval_video.main([*(["--smoke"] if args.quick else []), "--out", str(results)])
+    video_md = (results / "video_quality.md").read_text()
     if "mllm" in reuse:
         mllm = [row for name in MLLM_RESULTS for row in json.loads((results / name).read_text())["rows"]]
     else:
@@ -144,6 +161,7 @@ def main(argv=None) -> None:
 
     docs = HERE.parent / "docs"
     shutil.copy(results / "quality.png", docs / "quality.png")
+    shutil.copy(results / "video_quality.png", docs / "video_quality.png")
     peers = PEERS.split(",")
     page = f"""# Benchmarks
 
@@ -209,6 +227,11 @@ EvoPrune in the last block, the count vLLM's EVS would keep), so only the LM sav
 ![accuracy vs retention](quality.png)
 
 {quality_md}
+## Video quality (`bench/eval_video.py`)
+![video accuracy vs retention](video_quality.png)
+
+{VIDEO_INTRO}
+{video_md}
 """
     (docs / "BENCHMARKS.md").write_text(page)
     (results / "machine.json").write_text(json.dumps({"machine": machine(), "seconds": elapsed}, indent=2))

@@ -43,9 +43,11 @@ def inputs(b=3, n=21, d=8, dm=5, seed=0, sizes=False):
 def test_contract(name, keep, merge):
     hidden, metric, importance, sizes = inputs(sizes=True)
     protect = 1
-    out, sizes_out, slot = PEERS[name](hidden, metric, importance, sizes, keep=keep, protect=protect, alpha=0.1,
-                                       merge=merge)
+    out, sizes_out, slot, index = PEERS[name](hidden, metric, importance, sizes, keep=keep, protect=protect,
+                                              alpha=0.1, merge=merge)
     b, n, d = hidden.shape
+    assert index.shape == (b, keep) and (index.diff(dim=1) > 0).all(), "the kept positions, ascending"
+    assert torch.equal(slot.gather(1, index), torch.arange(keep).expand(b, -1)), "a kept token carries itself"
     assert out.shape == (b, keep, d) and out.dtype == hidden.dtype
     assert sizes_out.shape == (b, keep) and sizes_out.dtype == torch.float32
     assert slot.shape == (b, n) and slot.dtype == torch.int64
@@ -62,7 +64,8 @@ def test_contract(name, keep, merge):
 @pytest.mark.parametrize("name", list(PEERS))
 def test_identity_at_full_keep(name):
     hidden, metric, importance, sizes = inputs()
-    out, sizes_out, slot = PEERS[name](hidden, metric, importance, sizes, keep=21, protect=1, alpha=0.1, merge=True)
+    out, sizes_out, slot, _ = PEERS[name](hidden, metric, importance, sizes, keep=21, protect=1, alpha=0.1,
+                                          merge=True)
     torch.testing.assert_close(out, hidden)
     assert torch.equal(slot, torch.arange(21).expand(3, 21))
 
@@ -71,7 +74,7 @@ def test_kept_tokens_are_copied_when_pruning():
     """Pure pruning peers (and merge=False) output rows of the input, in ascending original order."""
     hidden, metric, importance, sizes = inputs()
     for name, step in PEERS.items():
-        out, _, slot = step(hidden, metric, importance, sizes, keep=7, protect=1, alpha=0.1, merge=False)
+        out, _, slot, _ = step(hidden, metric, importance, sizes, keep=7, protect=1, alpha=0.1, merge=False)
         for b in range(hidden.shape[0]):
             kept = [j for j in range(hidden.shape[1])
                     if slot[b, j] >= 0 and torch.equal(out[b, slot[b, j]], hidden[b, j])]
@@ -82,7 +85,7 @@ def test_kept_tokens_are_copied_when_pruning():
 @pytest.mark.parametrize("keep", [15, 11, 6, 2])
 def test_tome_conserves_size_and_weights_by_size(keep):
     hidden, metric, importance, sizes = inputs(sizes=True)
-    out, sizes_out, slot = tome(hidden, metric, importance, sizes, keep=keep, protect=1, merge=True)
+    out, sizes_out, slot, _ = tome(hidden, metric, importance, sizes, keep=keep, protect=1, merge=True)
     torch.testing.assert_close(sizes_out.sum(1), sizes.sum(1))
     for b in range(hidden.shape[0]):
         for p in range(keep):
@@ -97,7 +100,7 @@ def test_tome_one_matching_merges_a_into_b():
     protected ones) with the strongest edges merge into their most similar token of set B (odd offsets)."""
     hidden, metric, importance, sizes = inputs(n=21)
     protect, keep = 1, 15
-    _, _, slot = tome(hidden, metric, importance, sizes, keep=keep, protect=protect, merge=True)
+    _, _, slot, _ = tome(hidden, metric, importance, sizes, keep=keep, protect=protect, merge=True)
     u = metric / metric.norm(dim=-1, keepdim=True)
     a, bset = list(range(protect, 21, 2)), list(range(protect + 1, 21, 2))
     for b in range(hidden.shape[0]):
@@ -140,7 +143,7 @@ def is_max_min_greedy(metric, kept: set[int], tol: float = 1e-6) -> bool:
 def test_divprune_is_the_max_min_greedy(seed, protect):
     hidden, metric, importance, sizes = inputs(b=2, n=16, dm=3, seed=seed)
     keep = 9
-    out, sizes_out, slot = divprune(hidden, metric, importance, sizes, keep=keep, protect=protect)
+    out, sizes_out, slot, _ = divprune(hidden, metric, importance, sizes, keep=keep, protect=protect)
     for b in range(2):
         index = [j for j in range(16) if slot[b, j] >= 0]
         assert index[:protect] == list(range(protect)) and len(index) == keep
@@ -158,14 +161,14 @@ def test_the_max_min_check_rejects_other_picks():
 def test_topk_attention_keeps_the_most_important_with_low_index_ties():
     hidden, metric, importance, sizes = inputs(b=1, n=10)
     importance = torch.tensor([[9.0, 0.5, 0.9, 0.9, 0.1, 0.7, 0.9, 0.2, 0.3, 0.4]])
-    _, _, slot = topk_attention(hidden, metric, importance, sizes, keep=4, protect=1)
+    _, _, slot, _ = topk_attention(hidden, metric, importance, sizes, keep=4, protect=1)
     assert [j for j in range(10) if slot[0, j] >= 0] == [0, 2, 3, 6]
 
 
 def test_visionzip_dominant_and_contextual_tokens():
     hidden, metric, importance, sizes = inputs(b=2, n=65, dm=6)
     keep, protect = 33, 1  # 32 free places: round(32 * 10 / 64) = 5 contextual, 27 dominant
-    _, sizes_out, slot = visionzip(hidden, metric, importance, sizes, keep=keep, protect=protect, merge=True)
+    _, sizes_out, slot, _ = visionzip(hidden, metric, importance, sizes, keep=keep, protect=protect, merge=True)
     for b in range(2):
         dominant = (protect + importance[b, protect:].argsort(descending=True, stable=True)[:27]).tolist()
         dominant_positions = {slot[b, j].item() for j in dominant}

@@ -1,0 +1,144 @@
+"""bench/eval_video.py: its clips answer what they claim, its head reads any token subset, its video peers keep
+exact counts, and its smoke run gives every method the same tokens per clip and writes its results."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evoprune_ext
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+from peers import PEERS, VIDEO_PEERS, evs, temporal_merge  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("skimage")
+pytest.importorskip("sklearn")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("eval_video", BENCH / "eval_video.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def video():
+    return _load()
+
+
+def clip_pool(b=2, frames=4, per=9, d=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, frames * per, d, generator=gen)
+    return hidden, torch.ones(b, frames * per)
+
+
+@pytest.mark.parametrize("step", list(VIDEO_PEERS.values()), ids=list(VIDEO_PEERS))
+@pytest.mark.parametrize("keep", [1, 5, 9, 14, 36])
+def test_video_peers_keep_exact_counts(step, keep):
+    hidden, sizes = clip_pool()
+    out, sizes_out, slot, index = step(hidden, hidden, None, sizes, keep=keep, protect=0, frames=4)
+    assert out.shape == (2, keep, 6) and sizes_out.shape == (2, keep) and index.shape == (2, keep)
+    assert (index.diff(dim=1) > 0).all(), "kept tokens in ascending order"
+    if step is evs:  # drops without merging
+        assert torch.equal(out, hidden.gather(1, index[..., None].expand(-1, -1, 6)))
+    else:  # merges every token somewhere
+        assert (slot >= 0).all() and torch.allclose(sizes_out.sum(1), sizes.sum(1))
+    kept_slots = slot.gather(1, index)
+    assert torch.equal(kept_slots, torch.arange(keep).expand(2, -1)), "a kept token carries itself"
+
+
+def test_evs_keeps_the_first_frame_then_what_changed():
+    hidden, sizes = clip_pool()
+    hidden[:, 9:] = hidden[:, :9].repeat(1, 3, 1)
+    hidden[:, 18 + 4] *= -1.0  # frame 2, patch 4 turns around (and back in frame 3): dissimilarity 2
+    hidden[:, 27 + 7] *= 0.5  # frame 3, patch 7 only shrinks: dissimilarity 0
+    index = evs(hidden, hidden, None, sizes, keep=10, protect=0, frames=4)[3]
+    assert torch.equal(index, torch.tensor([*range(9), 18 + 4]).expand(2, -1))
+    assert torch.equal(evs(hidden, hidden, None, sizes, keep=4, protect=0, frames=4)[3], torch.arange(4).expand(2, -1))
+
+
+def test_temporal_merge_folds_repeats_into_earlier_frames():
+    hidden, sizes = clip_pool(b=1)
+    hidden[:, 9:] = hidden[:, :9].repeat(1, 3, 1)  # a static clip: every later frame repeats the first
+    out, sizes_out, slot, index = temporal_merge(hidden, hidden, None, sizes, keep=9, protect=0, frames=4)
+    assert torch.equal(index, torch.arange(9)[None])
+    assert torch.equal(sizes_out, torch.full((1, 9), 4.0)), "each first-frame token absorbs its three repeats"
+    assert torch.allclose(out, hidden[:, :9], atol=1e-6)
+    assert torch.equal(slot.view(4, 9), torch.arange(9).expand(4, -1))
+
+
+def test_clips_answer_what_they_claim(video):
+    task = video.TASK
+    x, y = video.compose(task, video.digit_pools(task), video.photos(task), "test", 8,
+                         torch.Generator().manual_seed(0))
+    assert x.shape == (8 * task["frames"], 1, task["size"], task["size"])
+    assert torch.equal(y["present"].bool(), y["counts"] > 0)
+    assert (y["present"].sum(1) == task["digits"]).all()
+    assert y["present"].gather(1, y["first"][:, None]).all()
+    assert y["present"].gather(1, y["query"][:, None]).all()
+    assert y["counts"].max() <= task["appearances"]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        runs = video.appearances(task, gen)
+        starts = sorted(r[0][0] for r in runs)
+        assert starts[0] < starts[1], "exactly one digit appears first"
+        for digit in runs:
+            ends = [start + length for start, length in digit]
+            assert all(end < next_start for end, (next_start, _) in zip(ends, digit[1:])), "a gap between"
+            assert ends[-1] <= task["frames"]
+
+
+def test_head_reads_any_order_of_tokens(video):
+    """The head sees a token's frame from its id, not its place: per-frame and shuffled inputs answer alike."""
+    torch.manual_seed(0)
+    head = video.ClipHead(16, 3, queries=2, layers=1, heads=2, appearances=3).eval()
+    tokens, frame, _ = video.frame_tokens(torch.randn(2 * 3, 5, 16), 3)
+    order = torch.randperm(15)
+    with torch.no_grad():
+        first = head(tokens, frame)
+        second = head(tokens[:, order], frame[:, order], torch.ones(2, 15))
+    for a, b in zip(first, second):
+        assert torch.allclose(a, b, atol=1e-5)
+    empty_frame = frame.clone()
+    empty_frame[:, 5:10] = 0  # frame 1 loses every token: its summary is the learned empty token
+    assert all(torch.isfinite(out).all() for out in head(tokens, empty_frame))
+
+
+def test_saved_video_model_is_small_and_loads(video):
+    size = sum(f.stat().st_size for f in (BENCH / "video_model").iterdir())
+    assert size < 2 * 2**20
+    model, config = video.load()
+    assert type(model.vision).__name__ == "SiglipVisionModel"
+    assert config["task"] == video.TASK
+
+
+def test_video_model_training_is_reproducible(video):
+    first, _ = video.train(steps=2, log=None)
+    second, _ = video.train(steps=2, log=None)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_eval_video_smoke(video, tmp_path, capsys):
+    result = video.main(["--smoke", "--out", str(tmp_path)])
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"video_quality.{suffix}").stat().st_size > 0
+    assert "recommended for video: mode" in capsys.readouterr().out
+    rows = result["rows"]
+    clip = video.TASK["frames"] * (video.TASK["size"] // video.TASK["patch"]) ** 2
+    for r in {row["retention"] for row in rows}:
+        assert {row["tokens"] for row in rows if row["retention"] == r} == {evoprune_ext.kept_tokens(clip, r)}
+    methods = {row["method"] for row in rows}
+    assert {"unpruned", "evoprune frame a=0.1"} | {f"{p} frame" for p in PEERS} | {
+        f"{p} after" for p in VIDEO_PEERS} <= methods
+    assert {"evoprune clip a=0.1", "tome clip"} <= methods
+    for row in rows:
+        assert 0.0 <= row["ci95"][0] <= row["accuracy"] <= row["ci95"][1] <= 1.0
+        assert all(0.0 <= row[q] <= 1.0 for q in video.QUESTIONS)
+    assert result["chosen"]["mode"] in ("frame", "clip")
+
