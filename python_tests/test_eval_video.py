@@ -142,3 +142,17 @@ def test_eval_video_smoke(video, tmp_path, capsys):
         assert all(0.0 <= row[q] <= 1.0 for q in video.QUESTIONS)
     assert result["chosen"]["mode"] in ("frame", "clip")
 
+
+
+def test_video_picture_marks_each_budgets_kept_patches(video, tmp_path):
+    import video_picture  # bench/video_picture.py
+
+    model, config = video.load()
+    x, _ = video.test_set(config["task"], 1)
+    for budget in ("frame", "clip"):
+        kept = video_picture.kept_patches(model, x, budget, 0.125)
+        assert kept.shape == (12, 64) and int(kept.sum()) == round(12 * 64 * 0.125)
+        if budget == "frame":
+            assert (kept.sum(1) == 8).all()  # every frame its share
+    video_picture.draw(model, config["task"], [0], 0.125, tmp_path / "kept.png")
+    assert (tmp_path / "kept.png").stat().st_size > 10_000
