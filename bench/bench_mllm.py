@@ -287,16 +287,16 @@ def main(argv=None) -> list[dict]:
                             after=[p for p in args.after.split(",") if p], frames=args.frames,
                             new_tokens=args.new_tokens, repeats=args.repeats, quick=args.quick,
                             budgets=tuple(args.budgets.split(",")))
-    table = markdown(rows, args.new_tokens)
+        table = markdown(rows, args.new_tokens)
+        if args.json:  # after every model: a long run that is cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            record = {"threads": torch.get_num_threads(), "frames": args.frames, "new_tokens": args.new_tokens,
+                      "repeats": args.repeats, "load_average": os.getloadavg(), "rows": rows}
+            args.json.write_text(json.dumps(record, indent=2) + "\n")
+            args.json.with_suffix(".md").write_text(table)
+            print(f"wrote {args.json}")
     print()
     print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"threads": torch.get_num_threads(), "frames": args.frames, "new_tokens": args.new_tokens,
-                  "repeats": args.repeats, "load_average": os.getloadavg(), "rows": rows}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        args.json.with_suffix(".md").write_text(table)
-        print(f"wrote {args.json}")
     return rows
 
 
