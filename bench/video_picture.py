@@ -7,6 +7,7 @@ what changes (the digits, the strip a pan reveals), and a frame that only repeat
 
     python bench/video_picture.py                      # docs/video_kept.png, retention 0.125, two test clips
     python bench/video_picture.py --retention 0.0625 --clips 0,5 --out picture.png
+    python bench/video_picture.py --spread 500        # numbers instead: how unevenly the clip budget spreads
 """
 
 import argparse
@@ -75,15 +76,51 @@ def draw(model, task: dict, clips: list[int], retention: float, out: Path) -> No
     print(f"wrote {out}")
 
 
+def spread(model, task: dict, clips: int, retentions=(0.25, 0.125, 0.0625)) -> list[dict]:
+    """How the clip budget spreads a clip's tokens over its frames, on the first `clips` test clips: the share of
+    frames left empty, the fewest and most a frame keeps, the share of the kept tokens that sit in other frames
+    than a split fixed before the tower (the even one, `schedule.frame_split`) would put them, and the mean count
+    of a frame showing a digit against one that shows none. Qwen3-VL's prompt holds a count per frame: these
+    numbers are why its clip budget moves placeholders after the tower rather than fixing per-frame quotas."""
+    from evoprune_ext.schedule import frame_split
+
+    x, y = eval_video.test_set(task, clips)
+    frames, grid = task["frames"], task["size"] // task["patch"]
+    rows = []
+    for retention in retentions:
+        total = round(frames * grid * grid * retention)
+        even = torch.tensor(frame_split(total, frames))
+        counts = torch.stack([kept_patches(model, x[c * frames : (c + 1) * frames], "clip", retention).sum(1)
+                              for c in range(clips)])  # [clips, frames]
+        digit = (y["patches"][:clips].view(clips, frames, -1) < eval_video.NUM_CLASSES).any(-1)
+        rows.append(dict(
+            retention=retention, tokens=total, empty_frames=float((counts == 0).float().mean()),
+            fewest=int(counts.min()), most=int(counts.max()),
+            moved=float(((counts - even).clamp(min=0).sum(1) / total).mean()),
+            with_digit=float(counts[digit].float().mean()), without_digit=float(counts[~digit].float().mean()),
+        ))
+        print(f"{100 * retention:g}% ({total} tokens a clip, even split {int(even.min())}-{int(even.max())} a frame): "
+              f"{100 * rows[-1]['empty_frames']:.1f}% of frames keep nothing, a frame keeps {rows[-1]['fewest']} to "
+              f"{rows[-1]['most']}, {100 * rows[-1]['moved']:.1f}% of the tokens sit in other frames than the even "
+              f"split's; a frame with a digit keeps {rows[-1]['with_digit']:.2f} on average, one without "
+              f"{rows[-1]['without_digit']:.2f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--retention", type=float, default=0.125)
     parser.add_argument("--clips", default="0,1", help="comma-separated test clips")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--spread", type=int, default=0, metavar="CLIPS",
+                        help="print how the clip budget spreads tokens over frames on this many test clips, no picture")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, config = eval_video.load()
     model.eval()
+    if args.spread:
+        spread(model, config["task"], args.spread)
+        return
     draw(model, config["task"], [int(c) for c in args.clips.split(",")], args.retention, args.out)
 
 

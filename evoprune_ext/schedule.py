@@ -18,6 +18,7 @@ __all__ = [
     "check_keep_ratio",
     "default_layers",
     "frame_keeps",
+    "frame_split",
     "frame_units",
     "item_units",
     "kept_tokens",
@@ -101,6 +102,13 @@ def item_units(frames: int, units: int, keep_ratio: float, budget: str) -> int:
     if budget == "clip":
         return kept_tokens(frames * units, keep_ratio)
     return frames * kept_tokens(units, keep_ratio)
+
+
+def frame_split(total: int, frames: int) -> list[int]:
+    """`total` units spread over `frames` frames as evenly as can be, the first frames taking one more: where a
+    prompt writes every frame as a block of its own (Qwen3-VL), the count each frame's block holds under the clip
+    budget before the tower has chosen; the model moves the placeholders to the frames the tower kept them in."""
+    return [total // frames + (frame < total % frames) for frame in range(frames)]
 
 
 def frame_keeps(frames: list[int], keep_ratio: float, layers: list[int]) -> dict[int, list[int]]:

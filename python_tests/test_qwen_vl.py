@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evoprune_ext
+from evoprune_ext.schedule import frame_split
 
 pytest.importorskip("transformers")
 from evoprune_ext import random_models  # noqa: E402
@@ -49,12 +50,16 @@ def model_and_processor(build, **kwargs):
     return model, processor
 
 
-def generate(model, processor, request, positions=None):
+def generate(model, processor, request, positions=None, seen=None):
+    """Greedy generation; `positions` and `seen` (if given) record the position ids and all keyword arguments of
+    the language model's first pass (the prompt)."""
     batch = processor(**request, return_tensors="pt", padding=True)
 
     def record(module, args, kwargs):
         if positions is not None and not positions:
             positions.append(kwargs["position_ids"])
+        if seen is not None and not seen:
+            seen.update(kwargs)
 
     hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -84,62 +89,103 @@ def test_keep_ratio_one_generates_the_unpatched_tokens(build, kind, attention, d
     assert torch.equal(got, expected)
 
 
-# Qwen3-VL takes the frame budget only (test_qwen3_refuses_the_clip_budget).
-BUDGETS = [(build, budget) for build in FAMILIES.values() for budget in ("frame", "clip")
-           if (build, budget) != (random_models.qwen3_vl, "clip")]
+@family
+def test_clip_budget_at_keep_ratio_one_generates_the_unpatched_tokens(build):
+    model, processor = model_and_processor(build)
+    request = REQUESTS["images and video in one prompt"]
+    expected_batch, expected = generate(model, processor, request)
+    evoprune_ext.patch(model, keep_ratio=1.0, processor=processor, budget="clip")
+    batch, got = generate(model, processor, request)
+    assert torch.equal(batch["input_ids"], expected_batch["input_ids"])
+    assert torch.equal(got, expected)
+
+
+BUDGETS = [(build, budget) for build in FAMILIES.values() for budget in ("frame", "clip")]
 
 
 @pytest.mark.parametrize("build,budget", BUDGETS,
                          ids=[f"{build.__name__}-{budget}" for build, budget in BUDGETS])
 @pytest.mark.parametrize("kind", list(REQUESTS))
-@pytest.mark.parametrize("keep_ratio", [0.5, 0.25])
+@pytest.mark.parametrize("keep_ratio", [0.5, 0.25, 0.125])
 def test_placeholders_positions_and_kept_units(build, budget, kind, keep_ratio):
+    check_placeholders_positions_and_kept_units(build, budget, REQUESTS[kind], keep_ratio)
+
+
+def test_qwen3_clip_budget_frame_left_empty():
+    """One unit kept of a video of two frames: one frame's block is empty before the tower (the even split) and
+    after it (the frame it did not keep), and the text after it keeps its position all the same."""
+    kept = check_placeholders_positions_and_kept_units(random_models.qwen3_vl, "clip", REQUESTS["video"], 1 / 128)
+    assert len(kept[0]) == 1
+
+
+def check_placeholders_positions_and_kept_units(build, budget, request, keep_ratio):
+    """Patched at `keep_ratio` under `budget`, `request` generates from the pruned prompt; returns the kept units."""
     model, processor = model_and_processor(build)
-    full_positions, pruned_positions = [], []
-    full, _ = generate(model, processor, REQUESTS[kind], full_positions)
+    full_positions, pruned_positions, seen = [], [], {}
+    full, _ = generate(model, processor, request, full_positions)
     evoprune_ext.patch(model, keep_ratio=keep_ratio, processor=processor, budget=budget)
-    batch, out = generate(model, processor, REQUESTS[kind], pruned_positions)
+    batch, out = generate(model, processor, request, pruned_positions, seen)
     assert out.shape[1] == batch["input_ids"].shape[1] + NEW_TOKENS
     assert batch["input_ids"].shape[1] < full["input_ids"].shape[1]
 
     grids = [*batch.get("image_grid_thw", []), *batch.get("video_grid_thw", [])]
     kept = model.evoprune_state.kept  # images, then videos, each in input order
+    n_images = len(batch.get("image_grid_thw", []))
     assert len(kept) == len(grids)
-    for ids, grid in zip(kept, grids):
+    for item, (ids, grid) in enumerate(zip(kept, grids)):
         frames, per_frame = units(grid.tolist())
-        assert len(ids) == (round(frames * per_frame * keep_ratio) if budget == "clip"
+        assert len(ids) == (round(frames * per_frame * keep_ratio) if budget == "clip" and item >= n_images
                             else frames * round(per_frame * keep_ratio))
         assert (ids[1:] > ids[:-1]).all() and 0 <= ids.min() and ids.max() < frames * per_frame
 
     # Placeholders: exactly the kept counts, as the count helper says from the sizes alone.
     image_ids, video_ids = processor.image_token_id, processor.video_token_id
     counts = [len(ids) for ids in kept]
-    n_images = len(batch.get("image_grid_thw", []))
     assert int((batch["input_ids"] == image_ids).sum()) == sum(counts[:n_images])
     assert int((batch["input_ids"] == video_ids).sum()) == sum(counts[n_images:])
     helper = processor._get_num_multimodal_tokens(
-        image_sizes=[[im.height, im.width] for im in REQUESTS[kind].get("images", [])] or None,
-        video_sizes=[[len(v), *v.shape[1:3]] for v in REQUESTS[kind].get("videos", [])] or None,
+        image_sizes=[[im.height, im.width] for im in request.get("images", [])] or None,
+        video_sizes=[[len(v), *v.shape[1:3]] for v in request.get("videos", [])] or None,
     )
     assert (helper.num_image_tokens or []) + (helper.num_video_tokens or []) == counts
 
+    # The prompt the language model reads is the unpruned one without the placeholders of the dropped units:
+    # the processor's when each frame's count is static; Qwen3-VL under the clip budget moves its stand-in counts
+    # (the even split per frame) to the frames the tower kept units in.
+    order = _items_in_order(batch, kept, n_images)
+    read = _prompt_read(full, kept, grids, order, (image_ids, video_ids))
+    moves = build is random_models.qwen3_vl and budget == "clip" and "videos" in request
+    embed = model.get_input_embeddings()
+    for row, ids in enumerate(read):
+        real = batch["attention_mask"][row].bool()
+        if not moves:
+            assert torch.equal(batch["input_ids"][row][real], ids)
+        assert len(ids) == int(real.sum())
+        text = (ids != image_ids) & (ids != video_ids)
+        with torch.inference_mode():
+            assert torch.equal(seen["inputs_embeds"][row][real][text], embed(ids)[text])
+    if moves:
+        _assert_even_split(batch, grids[n_images:], [len(ids) for ids in kept[n_images:]], processor)
+
     # M-RoPE: each kept unit sits at its position in the full grid; the text keeps its positions.
-    for row in range(batch["input_ids"].shape[0]):
-        full_ids, pruned_ids = full["input_ids"][row], batch["input_ids"][row]
+    lm_visual = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for row, ids in enumerate(read):
+        lm_visual[row, batch["attention_mask"][row].bool()] = (ids == image_ids) | (ids == video_ids)
+        full_ids = full["input_ids"][row]
         full_rows, pruned_rows = full_positions[0][-3:, row], pruned_positions[0][-3:, row]
-        is_visual = (pruned_ids == image_ids) | (pruned_ids == video_ids)
         was_visual = (full_ids == image_ids) | (full_ids == video_ids)
         real = full["attention_mask"][row].bool()
-        assert torch.equal(pruned_rows[:, ~is_visual & batch["attention_mask"][row].bool()],
+        assert torch.equal(pruned_rows[:, ~lm_visual[row] & batch["attention_mask"][row].bool()],
                            full_rows[:, ~was_visual & real])
     # Visual positions, row after row in token order: the full grid's at the kept units.
-    pruned_visual = pruned_positions[0][-3:][:, (batch["input_ids"] == image_ids) | (batch["input_ids"] == video_ids)]
+    pruned_visual = pruned_positions[0][-3:][:, lm_visual]
     full_visual = full_positions[0][-3:][:, (full["input_ids"] == image_ids) | (full["input_ids"] == video_ids)]
     gathered, offset = [], 0
-    for k in _items_in_order(batch, kept, n_images):
+    for k in order:
         gathered.append(full_visual[:, offset + kept[k]])
         offset += int(grids[k].prod()) // 4
     assert torch.equal(pruned_visual, torch.cat(gathered, dim=1))
+    return kept
 
 
 def _items_in_order(batch, kept, n_images):
@@ -154,12 +200,40 @@ def _items_in_order(batch, kept, n_images):
     return order
 
 
+def _prompt_read(full, kept, grids, order, visual_ids):
+    """Each row of the unpruned prompt `full` (its real tokens) without the placeholders of the units the tower
+    dropped: every item holds its units there in raster order, items in token order (`order`)."""
+    visual = torch.isin(full["input_ids"], torch.tensor(visual_ids))
+    keep = torch.zeros(int(visual.sum()), dtype=torch.bool)
+    offset = 0
+    for k in order:
+        keep[offset + kept[k]] = True
+        offset += int(grids[k].prod()) // 4
+    dropped = torch.zeros_like(visual)
+    dropped[visual] = ~keep
+    return [ids[real & ~drop] for ids, real, drop in zip(full["input_ids"], full["attention_mask"].bool(), dropped)]
+
+
+def _assert_even_split(batch, grids, totals, processor):
+    """Qwen3-VL under the clip budget: the processor wrote every frame's block with the even split of its video's
+    kept total (schedule.frame_split), before the tower chose."""
+    ids = batch["input_ids"][batch["attention_mask"].bool()].tolist()
+    starts = [i for i, token in enumerate(ids) if token == processor.vision_start_token_id
+              and ids[i + 1] in (processor.video_token_id, processor.vision_end_token_id)]
+    written = [ids[start + 1 : ids.index(processor.vision_end_token_id, start)].count(processor.video_token_id)
+               for start in starts]
+    expected = [count for grid, total in zip(grids, totals) for count in frame_split(total, int(grid[0]))]
+    assert written == expected
+
+
+@pytest.mark.parametrize("budget", ["frame", "clip"])
 @pytest.mark.parametrize("kind", list(REQUESTS))
-def test_qwen3_deepstack_features_line_up_with_the_placeholders(kind):
+def test_qwen3_deepstack_features_line_up_with_the_placeholders(kind, budget):
     """The language model adds each deepstack feature at the visual positions: it gets one row per placeholder,
-    the tower's pruned deepstack rows of each image and video in placeholder order."""
+    the tower's pruned deepstack rows of each image and video in placeholder order. (Under the clip budget the
+    model moves video placeholders between frames: test_placeholders_positions_and_kept_units checks where.)"""
     model, processor = model_and_processor(random_models.qwen3_vl)
-    evoprune_ext.patch(model, keep_ratio=0.5, processor=processor)
+    evoprune_ext.patch(model, keep_ratio=0.5, processor=processor, budget=budget)
     batch = processor(**REQUESTS[kind], return_tensors="pt", padding=True)
     seen = {}
     hook = model.model.language_model.register_forward_pre_hook(
@@ -173,7 +247,9 @@ def test_qwen3_deepstack_features_line_up_with_the_placeholders(kind):
     hook.remove()
     ids = batch["input_ids"]
     visual = (ids == processor.image_token_id) | (ids == processor.video_token_id)
-    assert torch.equal(seen["visual_pos_masks"], visual)
+    if budget == "frame" or "videos" not in REQUESTS[kind]:
+        assert torch.equal(seen["visual_pos_masks"], visual)
+    assert int(seen["visual_pos_masks"].sum()) == int(visual.sum())
     is_image = ids[visual] == processor.image_token_id
     embeds = seen["deepstack_visual_embeds"]
     assert len(embeds) == len(model.config.vision_config.deepstack_visual_indexes)
@@ -233,9 +309,8 @@ def test_without_processor_hand_made_prompt(build):
     assert torch.equal(positions[0][-3:, 0][:, -2:], full[:, 0, -2:])  # the text after continues as unpruned
 
 
-def test_qwen3_refuses_the_clip_budget():
-    model, _ = random_models.qwen3_vl()
-    with pytest.raises(ValueError, match="budget='clip' is not supported for Qwen3-VL: its prompt writes every video"):
-        evoprune_ext.patch(model, keep_ratio=0.5, budget="clip")
+@family
+def test_unknown_budget_is_refused(build):
+    model, _ = build()
     with pytest.raises(ValueError, match=r"budget must be one of \('frame', 'clip'\), got 'video'"):
         evoprune_ext.patch(model, keep_ratio=0.5, budget="video")

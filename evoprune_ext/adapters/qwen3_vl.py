@@ -38,7 +38,7 @@ from transformers.vision_utils import (
 )
 
 from evoprune_ext.schedule import frame_units
-from evoprune_ext.towers.packed import PER_FRAME_PROMPT, PackedTower, Units, attention_then_prune, kept_units
+from evoprune_ext.towers.packed import PackedTower, Units, attention_then_prune, kept_units
 
 __all__ = ["TOWER", "PrunedQwen3VisionTower"]
 
@@ -100,4 +100,4 @@ class PrunedQwen3VisionTower:
     forward = _forward
 
 
-TOWER = PackedTower("Qwen3-VL", Qwen3VLVisionModel, PrunedQwen3VisionTower, clip_refusal=PER_FRAME_PROMPT)
+TOWER = PackedTower("Qwen3-VL", Qwen3VLVisionModel, PrunedQwen3VisionTower)

@@ -28,7 +28,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl, processing_qwen2
 from transformers.models.qwen3_vl import modeling_qwen3_vl, processing_qwen3_vl
 
 from evoprune_ext.adapters.family import Family
-from evoprune_ext.schedule import item_units, kept_tokens
+from evoprune_ext.schedule import frame_split, item_units, kept_tokens
 
 
 class PrunedQwenProcessor:
@@ -59,15 +59,19 @@ class PrunedQwenProcessor:
     def _evoprune_shrink(self, text: str, token: str, grid: list[int], merge: int) -> str:
         """The processor's own expansion `text` with every run of `token` cut to the kept units of its frames:
         Qwen2.5-VL writes one run of t frames per image or video, Qwen3-VL one run per frame (its timestamps and
-        vision start / end tokens stay as they are)."""
+        vision start / end tokens stay as they are). Under the clip budget Qwen3-VL's frames hold the even split
+        of the video's units (`schedule.frame_split`) until the model has run the tower (`PrunedQwen3Model`)."""
         _, h, w = grid
         units = (h // merge) * (w // merge)
         state = self._evoprune
         run = re.compile(f"(?:{re.escape(token)})+")
-        return run.sub(
-            lambda found: token * item_units(len(found[0]) // len(token) // units, units, state.keep_ratio, state.budget),
-            text,
-        )
+        frames = [len(found) // len(token) // units for found in run.findall(text)]
+        if state.budget == "clip":
+            counts = frame_split(kept_tokens(sum(frames) * units, state.keep_ratio), len(frames))
+        else:
+            counts = [item_units(t, units, state.keep_ratio, state.budget) for t in frames]
+        counts = iter(counts)
+        return run.sub(lambda found: token * next(counts), text)
 
 
 VISUAL_TYPES = {1: "image", 2: "video"}  # mm_token_type_ids values
@@ -108,6 +112,7 @@ class PrunedQwenModel:
             encoded["image"] = self.get_image_features(kwargs.pop("pixel_values"), kwargs.get("image_grid_thw"))
         if kwargs.get("pixel_values_videos") is not None:
             encoded["video"] = self.get_video_features(kwargs.pop("pixel_values_videos"), kwargs.get("video_grid_thw"))
+        input_ids = self._evoprune_layout(input_ids, kwargs)
         if position_ids is not None and encoded:
             # generate() computes positions before the tower runs (placeholders, see _evoprune_visual_groups):
             # now that it has, the visual rows are recomputed from the kept units.
@@ -122,6 +127,10 @@ class PrunedQwenModel:
             )
             position_ids = torch.cat([position_ids[:-3], vision_rows.to(position_ids)], dim=0)
         return super().forward(input_ids=input_ids, position_ids=position_ids, mm_encoder_outputs=encoded, **kwargs)
+
+    def _evoprune_layout(self, input_ids, kwargs: dict):
+        """The prompt the language model reads, once the tower has run: the processor's (Qwen2.5-VL)."""
+        return input_ids
 
     def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None, attention_mask=None, **kwargs):
@@ -169,7 +178,9 @@ class PrunedQwenModel:
 
 class PrunedQwen3Model(PrunedQwenModel):
     """Mixed into Qwen3VLModel: the deepstack features are split like the main ones, and every video frame is a
-    visual block of its own."""
+    visual block of its own. Under the clip budget a frame holds what the tower kept of it, possibly nothing: the
+    model moves the processor's stand-in counts to the frames the tower kept units in (`_evoprune_layout`), and a
+    frame left empty still takes its full extent of positions, so that no text position depends on the pruning."""
 
     def _evoprune_features(self, modality: str, pixels, grid_thw, **kwargs):
         outputs = super()._evoprune_features(modality, pixels, grid_thw, **kwargs)
@@ -178,14 +189,90 @@ class PrunedQwen3Model(PrunedQwenModel):
         return outputs
 
     def _evoprune_blocks(self, grid_thw, kept: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One block per frame (timestamps separate them; an image is one frame), holding the frame's kept units
-        as indices into the frame, which is how get_rope_index positions it (t=1)."""
+        """One block per frame that kept units (timestamps separate them; an image is one frame), holding the
+        frame's kept units as indices into the frame, which is how get_rope_index positions it (t=1)."""
         merge = self.config.vision_config.spatial_merge_size
         blocks = []
         for (frames, h, w), units in zip(grid_thw.tolist(), kept):
             per_frame = (h // merge) * (w // merge)
             blocks += [units[units // per_frame == frame] - frame * per_frame for frame in range(frames)]
-        return blocks
+        return [block for block in blocks if len(block)]
+
+    def _evoprune_frame_blocks(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each video frame's block of a token row starts and ends (its <|vision_start|> and <|vision_end|>),
+        in order. A frame block is a start followed by a video placeholder or, empty, by the end at once (an
+        image always keeps units)."""
+        config = self.config
+        following = torch.cat([row[1:], row.new_full((1,), -1)])
+        starts = ((row == config.vision_start_token_id)
+                  & ((following == config.video_token_id) | (following == config.vision_end_token_id))).nonzero()[:, 0]
+        closes = (row == config.vision_end_token_id).nonzero()[:, 0]
+        return starts, closes[torch.searchsorted(closes, starts)]
+
+    def _evoprune_layout(self, input_ids, kwargs: dict):
+        """Under the clip budget, once the tower has run: `input_ids` with every video frame's block holding as many
+        placeholders as the tower kept units of that frame. The timestamps and start / end tokens move with them;
+        the video's span keeps its length, and nothing outside it changes. kwargs' mm_token_type_ids follow."""
+        found = vars(self).get("_evoprune_kept", {})
+        if self._evoprune.budget != "clip" or "video" not in found or input_ids is None:
+            return input_ids
+        grid, kept = found["video"]
+        merge = self.config.vision_config.spatial_merge_size
+        counts = torch.cat([torch.bincount(units // ((h // merge) * (w // merge)), minlength=t)
+                            for (t, h, w), units in zip(grid.tolist(), kept)]).tolist()
+        blocks = [self._evoprune_frame_blocks(row) for row in input_ids]
+        if sum(len(starts) for starts, _ in blocks) != len(counts):
+            raise ValueError(f"input_ids: {sum(len(starts) for starts, _ in blocks)} video frame blocks, but the "
+                             f"videos have {len(counts)} frames")
+        counts, rows = iter(counts), []
+        for row, (starts, ends) in zip(input_ids, blocks):
+            pieces, previous, kept_here = [], 0, 0
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                count = next(counts)
+                pieces += [row[previous : start + 1], row.new_full((count,), self.config.video_token_id)]
+                previous, kept_here = end, kept_here + count
+            written = int((row == self.config.video_token_id).sum())
+            if written != kept_here:
+                raise ValueError(
+                    f"input_ids: a row's videos hold {written} placeholders, but the tower kept {kept_here} units of "
+                    "them; was the processor patched with the model (evoprune_ext.patch(..., processor=...))?"
+                )
+            rows.append(torch.cat([*pieces, row[previous:]]))
+        relaid = torch.stack(rows)
+        types = kwargs.get("mm_token_type_ids")
+        if types is not None:
+            types = torch.zeros_like(types)
+            types[relaid == self.config.image_token_id] = 1
+            types[relaid == self.config.video_token_id] = 2
+            kwargs["mm_token_type_ids"] = types
+        return relaid
+
+    def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, **kwargs):
+        """transformers' positions, except that under the clip budget a video frame left without units still takes
+        its full extent (max(h, w) of its merged grid), as it does unpruned: the text after it keeps its position."""
+        if self._evoprune.budget != "clip" or video_grid_thw is None:
+            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                          video_grid_thw=video_grid_thw, attention_mask=attention_mask, **kwargs)
+        merge = self.config.vision_config.spatial_merge_size
+        frames = iter(torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0).tolist())
+        jumps = torch.zeros(input_ids.shape, dtype=torch.long)  # the extent of an empty frame, at its end token
+        filled = []  # the grids of the frames that kept units, as get_rope_index meets them
+        for row, ids in enumerate(input_ids):
+            for start, end in zip(*(blocks.tolist() for blocks in self._evoprune_frame_blocks(ids))):
+                _, h, w = next(frames)
+                if end == start + 1:
+                    jumps[row, end] = max(h, w) // merge
+                else:
+                    filled.append([1, h, w])
+        positions, deltas = super().get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw.new_tensor(filled).view(-1, 3), attention_mask=attention_mask, **kwargs,
+        )
+        shift = jumps.cumsum(1)
+        if attention_mask is not None:
+            shift = shift * attention_mask.bool().cpu()
+        return positions + shift.to(positions), deltas + jumps.sum(1, keepdim=True).to(deltas)
 
 
 QWEN2_5_VL = Family(
