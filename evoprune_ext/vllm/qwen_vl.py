@@ -134,17 +134,19 @@ def split_positions(embeddings: Tensor) -> tuple[Tensor, Tensor]:
     return embeddings[:, :-POSITION_CHANNELS], digits[:, :POSITION_VALUES] * POSITION_BASE + digits[:, POSITION_VALUES:]
 
 
-def _mrope_positions(length: int, blocks, keep_ratio: float, budget: str) -> tuple[Tensor, int]:
+def _mrope_positions(length: int, blocks, keep_ratio: float, budget: str,
+                     counts: list[int] | None = None) -> tuple[Tensor, int]:
     """vLLM's M-RoPE positions of a prompt of `length` tokens whose visual blocks hold the pruned counts, and the
     delta of the tokens after it. `blocks`: (offset of the first placeholder, t, h, w in merge units, t_factor) of
-    each block in prompt order; a block holds `schedule.item_units(t, h * w, keep_ratio, budget)` placeholders.
+    each block in prompt order; a block holds `schedule.item_units(t, h * w, keep_ratio, budget)` placeholders,
+    or `counts[i]` where given (Qwen3-VL's frames under the clip budget, before the tower).
     The first units of each frame (of the block, under the clip budget) stand in until the runner recomputes the
     kept ones; text resumes after the full grid, as unpruned."""
     pieces, start, position = [], 0, 0
-    for offset, t, h, w, t_factor in blocks:
+    for i, (offset, t, h, w, t_factor) in enumerate(blocks):
         text = offset - start
         pieces.append(np.broadcast_to(np.arange(text), (3, text)) + position)
-        count = item_units(t, h * w, keep_ratio, budget)
+        count = item_units(t, h * w, keep_ratio, budget) if counts is None else counts[i]
         grid = _grid_positions(t, h, w, t_factor)
         frames = 1 if budget == "clip" else t
         pieces.append(grid.reshape(3, frames, -1)[:, :, : count // frames].reshape(3, -1) + position + text)

@@ -1,6 +1,6 @@
 """Serving on several ranks (vLLM's CPU build, 2 ranks, float32, greedy): for Qwen2.5-VL and Qwen3-VL, image
 and video requests give the same prompt, the same tokens and the same top-3 logprobs (within 1e-4) with two ranks
-as with one (Qwen2.5-VL under the clip budget), whether the tower is split by heads (tensor_parallel_size=2) or
+as with one (both under the clip budget), whether the tower is split by heads (tensor_parallel_size=2) or
 runs whole on each rank on its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held
 to the same bar. Pipeline parallelism is refused. One engine at a time, each in a subprocess (vllm_engine.py); the
 one-rank runs are shared by a family's tests."""
@@ -12,11 +12,13 @@ from vllm_engine import IMAGE, TWO_RANKS, VIDEO, assert_same, request, run_engin
 
 from evoprune_ext import random_models
 
-# (builder, architecture, budget): Qwen2.5-VL runs the clip budget here (its frame budget runs the same
-# collectives), so that both budgets meet both kinds of parallelism at no extra engine.
+# (builder, architecture, budget): both run the clip budget here, at no extra engine: its towers run the frame
+# budget's collectives, and Qwen3-VL's model writes each video's whole span (timestamps, frames) after the tower,
+# on every rank, from the units gathered (mm_encoder_tp_mode="data"). The frame budget is served on one rank in
+# test_vllm_qwen2_5_vl.py and test_vllm_qwen3_vl.py.
 FAMILIES = {
     "qwen2_5_vl": (random_models.qwen2_5_vl, "EvoPruneQwen2_5_VLForConditionalGeneration", "clip"),
-    "qwen3_vl": (random_models.qwen3_vl, "EvoPruneQwen3VLForConditionalGeneration", "frame"),
+    "qwen3_vl": (random_models.qwen3_vl, "EvoPruneQwen3VLForConditionalGeneration", "clip"),
 }
 # Several items per request, of different sizes, so that the data-parallel tower shares them out over both ranks.
 REQUESTS = [
