@@ -31,7 +31,7 @@ from evoprune_ext.pruning import prune_units, resolve_alpha
 from evoprune_ext.schedule import MERGE, UNIT, check_budget, check_keep_ratio, frame_keeps, frame_units, resolve_layers
 from evoprune_ext.swap import swap
 
-__all__ = ["PER_FRAME_PROMPT", "PackedState", "PackedTower", "Units", "WindowUnits", "attention_then_prune",
+__all__ = ["PackedState", "PackedTower", "Units", "WindowUnits", "attention_then_prune",
            "kept_units", "prune_after_attention"]
 
 
@@ -181,11 +181,6 @@ def kept_units(units: Units, grid: list[list[int]]) -> list[Tensor]:
 PACKED_OPTIONS = dict(merge=True, proportional_attention=True, metric="keys", step=None)
 
 
-# Why Qwen3-VL refuses budget="clip" (its PackedTowers, in transformers and vLLM).
-PER_FRAME_PROMPT = ("its prompt writes every video frame as a block of its own after a timestamp, so the count of "
-                    "each frame is fixed before the tower runs; use budget='frame'")
-
-
 @dataclass(frozen=True)
 class PackedTower:
     """A packed tower class and the mixin whose `forward` prunes it (written with the pieces above)."""
@@ -193,7 +188,6 @@ class PackedTower:
     family: str
     tower: type
     mixin: type
-    clip_refusal: str | None = None  # why the family refuses budget="clip"; None if it takes it
 
     def recognizes(self, module: nn.Module) -> bool:
         return isinstance(module, self.tower)
@@ -213,10 +207,8 @@ class PackedTower:
             raise TypeError(f"visual must be a {self.tower.__name__}, got {type(visual).__name__}")
         if visual.spatial_merge_size != MERGE:
             raise ValueError(f"the tower must merge 2x2 patches, got spatial_merge_size={visual.spatial_merge_size}")
-        if check_budget(budget) == "clip" and self.clip_refusal is not None:
-            raise ValueError(f"budget='clip' is not supported for {self.family}: {self.clip_refusal}")
         state = PackedState(check_keep_ratio(keep_ratio), resolve_layers(layers, self.depth(visual)),
-                            resolve_alpha(alpha), budget)
+                            resolve_alpha(alpha), check_budget(budget))
         swap(visual, self.mixin, state)
         visual.evoprune_state = state
         return state
