@@ -1,12 +1,12 @@
 """vLLM's LLaVA-OneVision with EvoPrune in its SigLIP tower (evoprune_ext/vllm/llava_onevision.py), on a tiny random
 model saved locally, float32, greedy, top-3 logprobs: keep_ratio=1 gives vLLM's own tokens; at 0.5 every crop and
 frame holds the kept count of placeholders and the answer is the transformers adapter's; two ranks give one rank's
-(vLLM's own model as the control); the clip budget too. Engines run on demand, each in a subprocess
-(vllm_engine.py), shared by the tests.
+(vLLM's own model as the control, opt-in: vllm_engine.control); the clip budget too. Engines run on demand, each
+in a subprocess (vllm_engine.py), shared by the tests.
 """
 
 import pytest
-from vllm_engine import TWO_RANKS, assert_same, request, run_engine, run_transformers, visual_blocks
+from vllm_engine import TWO_RANKS, assert_same, control, request, run_engine, run_transformers, visual_blocks
 
 from evoprune_ext import random_models
 from evoprune_ext.schedule import kept_tokens
@@ -107,6 +107,7 @@ def test_same_as_transformers(engine, model_dir):
     assert_same(served, expected)
 
 
+@control
 def test_vllm_own_model_two_ranks_as_one(engine):
     assert_same(engine("vllm, 2 ranks"), engine("vllm"))
 

@@ -1,14 +1,15 @@
 """Serving on several ranks (vLLM's CPU build, 2 ranks, float32, greedy): for Qwen2.5-VL and Qwen3-VL, image
 and video requests give the same prompt, the same tokens and the same top-3 logprobs (within 1e-4) with two ranks
 as with one (both under the clip budget), whether the tower is split by heads (tensor_parallel_size=2) or
-runs whole on each rank on its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control, held
-to the same bar. Pipeline parallelism is refused. One engine at a time, each in a subprocess (vllm_engine.py); the
-one-rank runs are shared by a family's tests."""
+runs whole on each rank on its share of the items (mm_encoder_tp_mode="data"); vLLM's own model is the control,
+held to the same bar (opt-in: vllm_engine.control). Pipeline parallelism is refused. One engine at a time, each
+in a subprocess (vllm_engine.py); the one-rank runs are shared by a family's tests."""
 
 import subprocess
 
 import pytest
-from vllm_engine import IMAGE, TWO_RANKS, VIDEO, assert_same, request, run_engine, save_tiny_model, visual_blocks
+from vllm_engine import (IMAGE, TWO_RANKS, VIDEO, assert_same, control, request, run_engine, save_tiny_model,
+                         visual_blocks)
 
 from evoprune_ext import random_models
 
@@ -48,6 +49,7 @@ def one_rank(family, tmp_path_factory) -> dict:
     return {pruned: generate(tmp_path_factory, family, pruned=pruned) for pruned in (False, True)}
 
 
+@control
 def test_vllm_own_model_two_ranks_as_one(family, one_rank, tmp_path_factory):
     assert_same(generate(tmp_path_factory, family, pruned=False, **TWO_RANKS), one_rank[False])
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SITE = Path(__file__).resolve().parents[2] / ".ci" / "vllm-site"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE), os.environ.get("PYTHONPATH", "")]),
@@ -30,6 +31,11 @@ IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # an image's place in a Q
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 RATIOS = [None, 1.0, 0.5, 0.25]  # None: vLLM's own model class
 TWO_RANKS = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+# vLLM's own model on two ranks against one: a control that holds vLLM itself to the bar EvoPrune's two-rank
+# tests meet (measured 2.4e-7, docs/VLLM.md). It tests vLLM, not the plugin, and costs a two-rank engine per
+# family, so CI leaves it out: EVOPRUNE_VLLM_CONTROLS=1 runs it.
+control = pytest.mark.skipif(os.environ.get("EVOPRUNE_VLLM_CONTROLS") != "1",
+                             reason="a control of vLLM itself: EVOPRUNE_VLLM_CONTROLS=1 runs it")
 TOLERANCE = 1e-4  # float32 sums over 1 and over 2 ranks differ in their last bits, no more
 
 
