@@ -30,20 +30,31 @@ Methods, each through the product's harness `evoprune_ext.patch` where it runs i
   encoder (bench/peers.py's video peers), on the unpruned tower's tokens;
 - the image peers of bench/peers.py per frame.
 
+Pruning-aware head (`--pruned`): the head above was trained on unpruned frames only, so a method whose frames
+arrive uneven (the clip budget, the video peers) is also a shift the head never saw. `--pruned` evaluates
+bench/video_model_pruned/ instead: the same encoder, frozen (so every method selects exactly the same tokens),
+and the head (`ClipHead`) fine-tuned from the shipped one on inputs pruned by a method and a retention drawn at
+random for each batch, uniformly from the retentions evaluated (1: unpruned) and from every method evaluated,
+peers included; `--pruned --retrain` fine-tunes it again (FINETUNING: 2400 steps of 20 clips, 11 minutes on
+one thread of a shared 2-core machine).
+
 Every accuracy comes with its 95% Wilson interval on TEST_CLIPS clips (digit drawings disjoint from training),
 every difference to the chosen EvoPrune setting with a paired 95% interval (same clips). The recommended video
 mode and alpha stay the image defaults (per frame, DEFAULT_ALPHA) unless worse than the best beyond that noise.
-Writes video_quality.json, .md and .png to --out.
+Writes video_quality.json, .md and .png to --out (video_quality_pruned.* with --pruned).
 
-    python bench/eval_video.py            # evaluate the saved model (bench/video_model/)
-    python bench/eval_video.py --retrain  # train it again first
-    python bench/eval_video.py --smoke    # seconds: a tiny grid, for the tests
+    python bench/eval_video.py                     # evaluate the saved model (bench/video_model/)
+    python bench/eval_video.py --retrain           # train it again first
+    python bench/eval_video.py --pruned            # evaluate the pruning-aware head (bench/video_model_pruned/)
+    python bench/eval_video.py --pruned --retrain  # fine-tune it again from bench/video_model/ first
+    python bench/eval_video.py --smoke             # seconds: a tiny grid, for the tests (with --retrain: 2 steps)
 """
 
 import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,6 +68,7 @@ from evaluation import equal_to_best, fit, paired, wilson  # noqa: E402
 from peers import PEERS, VIDEO_PEERS  # noqa: E402  (bench/peers.py)
 
 MODEL_DIR = Path(__file__).resolve().parent / "video_model"
+PRUNED_DIR = Path(__file__).resolve().parent / "video_model_pruned"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # The task. Stored with the weights; evaluation reads it back from there.
@@ -93,6 +105,9 @@ HEAD = {"queries": 4, "layers": 2, "heads": 4}
 # One thread, as bench/eval_quality.py: bitwise reproducible, and fastest on a shared 2-core machine.
 TRAINING = {"seed": 0, "steps": 1300, "batch": 20, "lr": 2e-3, "weight_decay": 0.05, "warmup": 50, "clip": 1.0,
             "threads": 1}
+# The pruning-aware head: fine-tuned from the shipped model, the encoder frozen, one (method, retention) a batch.
+FINETUNING = {"seed": 0, "steps": 2400, "batch": 20, "lr": 1e-3, "weight_decay": 0.05, "warmup": 50, "clip": 1.0,
+              "threads": 1}
 
 NUM_CLASSES = 10
 TEST_CLIPS = 2000
@@ -280,11 +295,16 @@ def frame_tokens(tokens, frames: int, sizes=None):
 
 def loss(model, batch):
     x, y = batch
-    present, first, counts, seen, patches = model(x)
+    *answers, patches = model(x)
+    return head_loss(answers, y) + F.cross_entropy(patches.flatten(0, 1), y["patches"].flatten())
+
+
+def head_loss(answers, y):
+    """The head's four outputs scored: the three answers and which digits each frame shows."""
+    present, first, counts, seen = answers
     return (F.binary_cross_entropy_with_logits(present, y["present"]) + F.cross_entropy(first, y["first"])
             + F.cross_entropy(counts.flatten(0, 1), y["counts"].flatten())
-            + F.binary_cross_entropy_with_logits(seen, y["seen"])
-            + F.cross_entropy(patches.flatten(0, 1), y["patches"].flatten()))
+            + F.binary_cross_entropy_with_logits(seen, y["seen"]))
 
 
 def answered(logits, y) -> torch.Tensor:
@@ -302,6 +322,36 @@ def train(steps: int | None = None, log=print) -> tuple[VideoQA, dict]:
     model, seconds = fit(lambda: VideoQA(MODEL, HEAD, TASK),
                          lambda gen: compose(TASK, pools, backgrounds, "train", cfg["batch"], gen), loss, cfg, log)
     return model, {"training": cfg, "train_seconds": seconds}
+
+
+def finetune(steps: int | None = None, base: Path = MODEL_DIR, log=print) -> tuple[VideoQA, dict]:
+    """The pruning-aware head: the model at `base`, its encoder (and patch probe) frozen, the head fine-tuned on
+    training clips pruned by a method and a retention drawn for each batch, uniformly and independently, from
+    `methods(ALPHAS)` and RETENTIONS (retention 1: unpruned). The encoder is not trained, so every method keeps
+    the same tokens as under the shipped model; only the reader of those tokens adapts."""
+    cfg = dict(FINETUNING, steps=steps or FINETUNING["steps"])
+    pools, backgrounds = digit_pools(TASK), photos(TASK)
+    names, base_record = methods(ALPHAS), json.loads((base / "config.json").read_text())
+
+    def build():
+        model, _ = load(base)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("head."))
+        return model
+
+    def batch(gen):
+        name = list(names)[int(torch.randint(len(names), (1,), generator=gen))]
+        retention = RETENTIONS[int(torch.randint(len(RETENTIONS), (1,), generator=gen))]
+        return *compose(TASK, pools, backgrounds, "train", cfg["batch"], gen), names[name], retention
+
+    def pruned_loss(model, batch):
+        x, y, method, retention = batch
+        return head_loss(model.head(*prepared(model, x, method, retention)), y)
+
+    model, seconds = fit(build, batch, pruned_loss, cfg, log)
+    return model, {"training": base_record["training"], "train_seconds": base_record["train_seconds"],
+                   "finetuning": {**cfg, "base": base.name, "trains": "head", "methods": list(names),
+                                  "retentions": RETENTIONS}, "finetune_seconds": seconds}
 
 
 def save(model: VideoQA, record: dict, directory: Path = MODEL_DIR) -> None:
@@ -353,33 +403,60 @@ def after_encoder(tokens, method: dict, frames: int, keep: int):
     return out, index // (tokens.shape[1] // frames), sizes
 
 
-@torch.inference_mode()
-def evaluate(model: VideoQA, x, y, method: dict, retention: float, unpruned=None) -> tuple[torch.Tensor, int]:
-    """Per clip, which answers are right (bool [V, 3]), and the tokens per clip the head saw. `unpruned`: the
-    tower's unpruned tokens of every clip, for the "after" methods (computed once)."""
+@contextmanager
+def pruning(model: VideoQA, method: dict, retention: float):
+    """The tower patched to prune as `method` does inside the encoder at `retention` (unpatched afterwards); as it
+    is for unpruned and "after" methods."""
     import evoprune_ext
 
-    frames, patches = model.frames, out_patches(model)
-    clips = len(y["first"])
-    keep = evoprune_ext.kept_tokens(frames * patches, retention)
     if method["mode"] in ("frame", "clip") and retention < 1:
         budget = {"budget": "clip"} if method["mode"] == "clip" else {}
         evoprune_ext.patch(model.vision, keep_ratio=retention, alpha=method.get("alpha"), step=method.get("step"),
                            **budget)
-    right, counts = [], set()
     try:
-        for i in range(0, clips, BATCH):
-            part = {k: v[i : i + BATCH] for k, v in y.items()}
-            if retention >= 1:
-                head_input = frame_tokens(unpruned[i : i + BATCH].reshape(-1, patches, unpruned.shape[-1]), frames)
-            elif method["mode"] == "after":
-                head_input = after_encoder(unpruned[i : i + BATCH], method, frames, keep)
-            else:
-                head_input = pruned_tokens(model, x[i * frames : (i + BATCH) * frames], method["mode"])
-            counts.add(head_input[0].shape[1])
-            right.append(answered(model.head(*head_input), part))
+        yield
     finally:
         evoprune_ext.unpatch(model.vision)
+
+
+def head_input(model: VideoQA, x, method: dict, retention: float, unpruned):
+    """The head's input from clips x [V*F, 1, S, S] (the tower inside `pruning(model, method, retention)`), or
+    from `unpruned`, their unpruned tower's tokens [V, F*N, D], when unpruned or for an "after" method."""
+    frames = model.frames
+    if retention >= 1:
+        return frame_tokens(unpruned.reshape(-1, out_patches(model), unpruned.shape[-1]), frames)
+    if method["mode"] == "after":
+        return after_encoder(unpruned, method, frames, kept(model, retention))
+    return pruned_tokens(model, x, method["mode"])
+
+
+def prepared(model: VideoQA, x, method: dict, retention: float):
+    """`head_input` of one batch, as tensors the head can learn from (the frozen tower runs without autograd)."""
+    with torch.inference_mode(), pruning(model, method, retention):
+        after = retention >= 1 or method["mode"] == "after"
+        out = head_input(model, x, method, retention, unpruned_tokens(model, x) if after else None)
+    return tuple(None if t is None else t.clone() for t in out)  # inference tensors -> ordinary ones
+
+
+def kept(model: VideoQA, retention: float) -> int:
+    import evoprune_ext
+
+    return evoprune_ext.kept_tokens(model.frames * out_patches(model), retention)
+
+
+@torch.inference_mode()
+def evaluate(model: VideoQA, x, y, method: dict, retention: float, unpruned=None) -> tuple[torch.Tensor, int]:
+    """Per clip, which answers are right (bool [V, 3]), and the tokens per clip the head saw. `unpruned`: the
+    tower's unpruned tokens of every clip, for the "after" methods (computed once)."""
+    frames, clips, keep = model.frames, len(y["first"]), kept(model, retention)
+    right, counts = [], set()
+    with pruning(model, method, retention):
+        for i in range(0, clips, BATCH):
+            part = {k: v[i : i + BATCH] for k, v in y.items()}
+            tokens = None if unpruned is None else unpruned[i : i + BATCH]
+            clip_input = head_input(model, x[i * frames : (i + BATCH) * frames], method, retention, tokens)
+            counts.add(clip_input[0].shape[1])
+            right.append(answered(model.head(*clip_input), part))
     if counts != {keep}:
         raise RuntimeError(f"{method} at retention {retention} gave {counts} tokens a clip, not {keep}")
     return torch.cat(right), keep
@@ -533,18 +610,29 @@ def main(argv=None) -> dict:
 
 
 def _main(argv) -> dict:
-    args = evaluation.arguments(__doc__, MODEL_DIR, RESULTS_DIR, "video_quality").parse_args(argv)
+    parser = evaluation.arguments(__doc__, None, RESULTS_DIR, "video_quality")
+    parser.add_argument("--pruned", action="store_true", help="the pruning-aware head (bench/video_model_pruned/, "
+                        "fine-tuned from bench/video_model/ with --retrain); writes video_quality_pruned.*")
+    args = parser.parse_args(argv)
     import evoprune_ext  # noqa: F401  (fails early if the package is not installed)
 
+    model_dir = args.model_dir or (PRUNED_DIR if args.pruned else MODEL_DIR)
+    stem = "video_quality_pruned" if args.pruned else "video_quality"
     torch.set_num_threads(TRAINING["threads"])
-    if args.retrain:
+    steps = 2 if args.smoke else None
+    if args.retrain and args.pruned:
+        print("fine-tuning the clip head on pruned clips, the encoder frozen ...")
+        model, record = finetune(steps)
+        print(f"  fine-tuned in {record['finetune_seconds']} s")
+        save(model, record, model_dir)
+    elif args.retrain:
         print("training a SigLIP frame encoder and a clip head on the video digit task ...")
-        model, record = train()
+        model, record = train(steps)
         print(f"  trained in {record['train_seconds']} s")
-        save(model, record, args.model_dir)
-    elif args.smoke:
-        train(steps=2, log=None)  # the training path, so that it cannot rot
-    model, config = load(args.model_dir)
+        save(model, record, model_dir)
+    elif args.smoke:  # the training path, so that it cannot rot
+        finetune(steps, log=None) if args.pruned else train(steps, log=None)
+    model, config = load(model_dir)
     task = config["task"]
 
     count = 20 if args.smoke else TEST_CLIPS
@@ -563,16 +651,18 @@ def _main(argv) -> dict:
     print()
     print(table)
     print(f"recommended for video: mode {chosen['mode']}, alpha={chosen['alpha']:g}")
+    finetuned = f", fine-tuning on pruned clips {config['finetune_seconds']} s" if "finetuning" in config else ""
     print(f"evaluation: {len(rows)} settings on {count} test clips in {seconds:.0f} s "
-          f"(training took {config.get('train_seconds')} s)")
+          f"(training took {config.get('train_seconds')} s{finetuned})")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"task": task, "model": config["model"], "head": config["head"],
-              "train_seconds": config.get("train_seconds"), "test_clips": count, "eval_seconds": round(seconds, 1),
-              "rows": rows, "chosen": chosen}
-    (args.out / "video_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "video_quality.md").write_text(table)
-    plot(rows, names, retentions, chosen, args.out / "video_quality.png")
-    print(f"wrote {args.out / 'video_quality.json'}, video_quality.md, video_quality.png")
+    result = {"task": task, "model": config["model"], "head": config["head"], "model_dir": model_dir.name,
+              "train_seconds": config.get("train_seconds"), "finetuning": config.get("finetuning"),
+              "finetune_seconds": config.get("finetune_seconds"), "test_clips": count,
+              "eval_seconds": round(seconds, 1), "rows": rows, "chosen": chosen}
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table)
+    plot(rows, names, retentions, chosen, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json, .md, .png")
     return result
 
 

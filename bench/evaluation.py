@@ -69,7 +69,8 @@ def differences(per_item: dict, names, reference: str, retentions, label: str) -
 def fit(build: Callable[[], nn.Module], batch: Callable, loss: Callable, cfg: dict, log=print):
     """Train `build()` from fixed seeds with deterministic algorithms on `cfg["threads"]` threads: AdamW, linear
     warmup then cosine decay, gradient clipping. `batch(gen)` draws a training batch from the seeded generator,
-    `loss(model, batch)` scores it. Returns the model (in eval mode) and the seconds the loop took."""
+    `loss(model, batch)` scores it; parameters that do not require grad stay as they are. Returns the model (in
+    eval mode) and the seconds the loop took."""
     torch.manual_seed(cfg["seed"])
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -77,7 +78,7 @@ def fit(build: Callable[[], nn.Module], batch: Callable, loss: Callable, cfg: di
     torch.set_num_threads(cfg["threads"])
     try:
         model = build()
-        params = list(model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]  # a fine-tuning may freeze some
         opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
         def lr_factor(step):

@@ -1,7 +1,9 @@
 """bench/eval_video.py: its clips answer what they claim, its head reads any token subset, its video peers keep
-exact counts, and its smoke run gives every method the same tokens per clip and writes its results."""
+exact counts, its pruning-aware fine-tuning trains the head alone on every method's tokens, and its smoke runs
+give every method the same tokens per clip and write their results."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -109,12 +111,23 @@ def test_head_reads_any_order_of_tokens(video):
     assert all(torch.isfinite(out).all() for out in head(tokens, empty_frame))
 
 
-def test_saved_video_model_is_small_and_loads(video):
-    size = sum(f.stat().st_size for f in (BENCH / "video_model").iterdir())
+def same_except_head(model, base) -> list[str]:
+    """The names of the tensors that differ between two models; asserts that none is outside the head."""
+    changed = [n for (n, a), b in zip(model.state_dict().items(), base.state_dict().values()) if not torch.equal(a, b)]
+    assert all(n.startswith("head.") for n in changed), changed
+    return changed
+
+
+@pytest.mark.parametrize("directory", ["video_model", "video_model_pruned"])
+def test_saved_video_model_is_small_and_loads(video, directory):
+    size = sum(f.stat().st_size for f in (BENCH / directory).iterdir())
     assert size < 2 * 2**20
-    model, config = video.load()
+    model, config = video.load(BENCH / directory)
     assert type(model.vision).__name__ == "SiglipVisionModel"
     assert config["task"] == video.TASK
+    if directory == "video_model_pruned":  # the shipped model, its head alone fine-tuned
+        assert config["finetuning"]["trains"] == "head" and config["finetuning"]["base"] == "video_model"
+        assert same_except_head(model, video.load()[0])
 
 
 def test_video_model_training_is_reproducible(video):
@@ -122,6 +135,38 @@ def test_video_model_training_is_reproducible(video):
     second, _ = video.train(steps=2, log=None)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_finetuning_trains_the_head_alone_reproducibly(video):
+    base, _ = video.load()
+    first, record = video.finetune(steps=2, log=None)
+    second, _ = video.finetune(steps=2, log=None)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert same_except_head(first, base), "the head learned"
+    tuning = record["finetuning"]
+    assert tuning["methods"] == list(video.methods(video.ALPHAS)) and tuning["retentions"] == video.RETENTIONS
+    assert tuning["steps"] == 2 and record["train_seconds"] == json.loads(
+        (BENCH / "video_model" / "config.json").read_text())["train_seconds"]
+
+
+@pytest.mark.parametrize("retention", [1.0, 0.125])
+def test_every_method_feeds_the_fine_tuning_its_evaluation_input(video, retention):
+    """What the head learns from is what it is evaluated on: same tokens, frames and sizes, and a gradient."""
+    model, config = video.load()
+    x, y = video.test_set(config["task"], 2)
+    unpruned = video.unpruned_tokens(model, x)
+    for name, method in video.methods(video.ALPHAS).items():
+        tokens, frame, sizes = video.prepared(model, x, method, retention)
+        assert tokens.shape[1] == video.kept(model, retention) and not tokens.is_inference()
+        with torch.inference_mode(), video.pruning(model, method, retention):
+            expected = video.head_input(model, x, method, retention, unpruned)
+        for a, b in zip((tokens, frame, sizes), expected):
+            assert (a is None and b is None) or torch.equal(a, b), name
+        model.zero_grad()
+        video.head_loss(model.head(tokens, frame, sizes), y).backward()
+        assert model.head.present.weight.grad.abs().sum() > 0, name
+        assert model.vision.embeddings.patch_embedding.weight.grad is None, name
 
 
 def test_eval_video_smoke(video, tmp_path, capsys):
@@ -141,6 +186,24 @@ def test_eval_video_smoke(video, tmp_path, capsys):
         assert 0.0 <= row["ci95"][0] <= row["accuracy"] <= row["ci95"][1] <= 1.0
         assert all(0.0 <= row[q] <= 1.0 for q in video.QUESTIONS)
     assert result["chosen"]["mode"] in ("frame", "clip")
+
+
+def test_eval_video_pruned_smoke(video, tmp_path, capsys):
+    """--pruned --retrain in smoke mode: fine-tunes 2 steps from the shipped model, saves it, evaluates it."""
+    result = video.main(["--smoke", "--pruned", "--retrain", "--model-dir", str(tmp_path / "model"),
+                         "--out", str(tmp_path)])
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"video_quality_pruned.{suffix}").stat().st_size > 0
+    assert not (tmp_path / "video_quality.json").exists()
+    assert "fine-tuning the clip head on pruned clips" in capsys.readouterr().out
+    model, config = video.load(tmp_path / "model")
+    assert same_except_head(model, video.load()[0])
+    assert result["finetuning"]["steps"] == 2 and result["finetune_seconds"] == config["finetune_seconds"]
+    assert json.loads((tmp_path / "video_quality_pruned.json").read_text())["model_dir"] == "model"
+    clip = video.TASK["frames"] * (video.TASK["size"] // video.TASK["patch"]) ** 2
+    for row in result["rows"]:
+        assert row["tokens"] == evoprune_ext.kept_tokens(clip, row["retention"])
+    assert {row["method"] for row in result["rows"]} == {"unpruned", *video.methods([0.1])}
 
 
 
