@@ -219,3 +219,21 @@ def test_video_picture_marks_each_budgets_kept_patches(video, tmp_path):
             assert (kept.sum(1) == 8).all()  # every frame its share
     video_picture.draw(model, config["task"], [0], 0.125, tmp_path / "kept.png")
     assert (tmp_path / "kept.png").stat().st_size > 10_000
+
+
+def test_video_picture_spread_counts_what_each_frame_keeps(video):
+    """`--spread`: the clip budget's per-frame counts, against the even split a prompt would fix before the tower."""
+    import video_picture  # bench/video_picture.py
+
+    model, config = video.load()
+    rows = video_picture.spread(model, config["task"], 3, retentions=(0.125, 0.0625))
+    x, _ = video.test_set(config["task"], 3)
+    for row, retention in zip(rows, (0.125, 0.0625)):
+        counts = torch.stack([video_picture.kept_patches(model, x[c * 12 : (c + 1) * 12], "clip", retention).sum(1)
+                              for c in range(3)])
+        even = round(12 * 64 * retention) // 12  # 96 and 48 split evenly: 8 and 4 a frame
+        assert row["tokens"] == round(12 * 64 * retention)
+        assert (row["fewest"], row["most"]) == (int(counts.min()), int(counts.max()))
+        assert row["empty_frames"] == pytest.approx(float((counts == 0).float().mean()))
+        assert row["moved"] == pytest.approx(float(((counts - even).clamp(min=0).sum(1) / row["tokens"]).mean()))
+        assert 0 <= row["moved"] <= 1
