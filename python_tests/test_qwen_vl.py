@@ -309,6 +309,28 @@ def test_without_processor_hand_made_prompt(build):
     assert torch.equal(positions[0][-3:, 0][:, -2:], full[:, 0, -2:])  # the text after continues as unpruned
 
 
+def test_qwen3_clip_budget_prompt_must_come_from_the_patched_processor():
+    """Under the clip budget the model moves Qwen3-VL's video placeholders between frames: a prompt whose videos
+    hold other counts, or other frame blocks, than the patched processor writes is refused, saying why."""
+    model, processor = model_and_processor(random_models.qwen3_vl)
+    unpruned = processor(**REQUESTS["video"], return_tensors="pt")
+    evoprune_ext.patch(model, keep_ratio=0.5, processor=processor, budget="clip")
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"input_ids: a row's videos hold 128 placeholders, "
+                                               r"but the tower kept 64 units of them; was the processor patched"):
+        model(**unpruned)
+    batch = processor(**REQUESTS["video"], return_tensors="pt")
+    ids = batch["input_ids"][0].tolist()
+    first = ids.index(processor.vision_start_token_id)
+    last = len(ids) - ids[::-1].index(processor.vision_start_token_id) - 1  # the second frame's block
+    keep = [i for i in range(len(ids)) if not last <= i <= ids.index(processor.vision_end_token_id, last)]
+    assert first < last
+    cut = {name: value[:, keep] if name in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+           for name, value in batch.items()}
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"input_ids: 1 video frame blocks .*, but "
+                                               r"video_grid_thw has 2 frames"):
+        model(**cut)
+
+
 @family
 def test_unknown_budget_is_refused(build):
     model, _ = build()

@@ -198,16 +198,24 @@ class PrunedQwen3Model(PrunedQwenModel):
             blocks += [units[units // per_frame == frame] - frame * per_frame for frame in range(frames)]
         return [block for block in blocks if len(block)]
 
-    def _evoprune_frame_blocks(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each video frame's block of a token row starts and ends (its <|vision_start|> and <|vision_end|>),
-        in order. A frame block is a start followed by a video placeholder or, empty, by the end at once (an
-        image always keeps units)."""
+    def _evoprune_frame_blocks(self, input_ids, frames: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row of `input_ids`: where each video frame's block starts and ends (its <|vision_start|> and
+        <|vision_end|>), in order; `frames` blocks in all, the videos' frames. A frame block is a start followed by a
+        video placeholder or, empty, by the end at once (an image always keeps units)."""
         config = self.config
-        following = torch.cat([row[1:], row.new_full((1,), -1)])
-        starts = ((row == config.vision_start_token_id)
-                  & ((following == config.video_token_id) | (following == config.vision_end_token_id))).nonzero()[:, 0]
-        closes = (row == config.vision_end_token_id).nonzero()[:, 0]
-        return starts, closes[torch.searchsorted(closes, starts)]
+        blocks = []
+        for row in input_ids:
+            following = torch.cat([row[1:], row.new_full((1,), -1)])
+            starts = ((row == config.vision_start_token_id)
+                      & ((following == config.video_token_id) | (following == config.vision_end_token_id)))
+            starts = starts.nonzero()[:, 0]
+            closes = (row == config.vision_end_token_id).nonzero()[:, 0]
+            blocks.append((starts, closes[torch.searchsorted(closes, starts)]))
+        found = sum(len(starts) for starts, _ in blocks)
+        if found != frames:
+            raise ValueError(f"input_ids: {found} video frame blocks (<|vision_start|>, placeholders, "
+                             f"<|vision_end|>), but video_grid_thw has {frames} frames")
+        return blocks
 
     def _evoprune_layout(self, input_ids, kwargs: dict):
         """Under the clip budget, once the tower has run: `input_ids` with every video frame's block holding as many
@@ -220,10 +228,7 @@ class PrunedQwen3Model(PrunedQwenModel):
         merge = self.config.vision_config.spatial_merge_size
         counts = torch.cat([torch.bincount(units // ((h // merge) * (w // merge)), minlength=t)
                             for (t, h, w), units in zip(grid.tolist(), kept)]).tolist()
-        blocks = [self._evoprune_frame_blocks(row) for row in input_ids]
-        if sum(len(starts) for starts, _ in blocks) != len(counts):
-            raise ValueError(f"input_ids: {sum(len(starts) for starts, _ in blocks)} video frame blocks, but the "
-                             f"videos have {len(counts)} frames")
+        blocks = self._evoprune_frame_blocks(input_ids, len(counts))
         counts, rows = iter(counts), []
         for row, (starts, ends) in zip(input_ids, blocks):
             pieces, previous, kept_here = [], 0, 0
@@ -255,11 +260,13 @@ class PrunedQwen3Model(PrunedQwenModel):
             return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
                                           video_grid_thw=video_grid_thw, attention_mask=attention_mask, **kwargs)
         merge = self.config.vision_config.spatial_merge_size
-        frames = iter(torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0).tolist())
+        frames = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0).tolist()
+        blocks = self._evoprune_frame_blocks(input_ids, len(frames))
+        frames = iter(frames)
         jumps = torch.zeros(input_ids.shape, dtype=torch.long)  # the extent of an empty frame, at its end token
         filled = []  # the grids of the frames that kept units, as get_rope_index meets them
-        for row, ids in enumerate(input_ids):
-            for start, end in zip(*(blocks.tolist() for blocks in self._evoprune_frame_blocks(ids))):
+        for row, (starts, ends) in enumerate(blocks):
+            for start, end in zip(starts.tolist(), ends.tolist()):
                 _, h, w = next(frames)
                 if end == start + 1:
                     jumps[row, end] = max(h, w) // merge
